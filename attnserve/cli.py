@@ -1,0 +1,136 @@
+"""The `attnserve` command. Subcommands import their implementation lazily, so the serving
+subcommands never import torch or the training code."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("attnserve")
+
+
+def _data_build(args: argparse.Namespace) -> int:
+    from model.corpus import CleanConfig, CorpusError, build_corpus
+
+    cfg = CleanConfig(max_chars=args.max_chars, max_words=args.max_words, max_ratio=args.max_ratio,
+                      dev_fraction=args.dev_fraction, test_fraction=args.test_fraction)
+    locale_dir = None if args.no_catalogs else Path(args.locale_dir)
+    try:
+        report = build_corpus(Path(args.out), args.src, args.tgt, locale_dir, args.tsv, args.moses, cfg)
+    except CorpusError as exc:
+        log.error("%s", exc)
+        return 2
+    summary = {k: getattr(report, k) for k in ("read", "kept", "splits", "dropped", "catalogs", "corrupt_catalogs")}
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from model.config import Config
+    from model.train import run_training
+
+    config = Config.load(args.config)
+    if args.time_limit is not None:
+        config.train.time_limit_min = args.time_limit
+    if args.max_steps is not None:
+        config.train.max_steps = args.max_steps
+    if args.threads is not None:
+        config.train.threads = args.threads
+    if args.data:
+        config.train.data_dir = args.data
+    if args.out:
+        config.train.out_dir = args.out
+    run_training(config, resume=not args.no_resume)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from model.checkpoint import CheckpointError, read_config
+    from model.decode import DecodeOptions
+    from model.evaluate import default_device, evaluate_run, plot_buckets
+
+    opts = DecodeOptions(beam_size=args.beam, length_penalty=args.length_penalty)
+    device = args.device or default_device()
+    results = []
+    try:
+        for run in args.runs:
+            split = Path(args.split) if args.split else Path(read_config(Path(run)).train.data_dir) / "test.tsv"
+            results.append(evaluate_run(Path(run), split, opts, args.checkpoint, device))
+    except CheckpointError as exc:
+        log.error("%s", exc)
+        return 2
+    for r in results:
+        buckets = "  ".join(f"{k}: {v['bleu']:.1f}" for k, v in r["buckets"].items())
+        print(f"{r['model']:40s} params {r['parameters']:>11,}  BLEU {r['bleu']:5.2f}  chrF {r['chrf']:5.2f}  | {buckets}")
+    plot = Path(args.plot) if args.plot else Path(args.runs[0]) / "bleu-by-length.png"
+    plot_buckets(results, plot)
+    print(f"plot: {plot}")
+    if args.show:
+        from model.checkpoint import load_model
+        from model.corpus import load_tsv
+        from model.evaluate import translate_best
+
+        model, tokenizer, config = load_model(Path(args.runs[0]), args.checkpoint, device)
+        rows = load_tsv(Path(config.train.data_dir) / "test.tsv")[: args.show]
+        for (src, ref), hyp in zip(rows, translate_best(model, tokenizer, [s for s, _ in rows], opts)):
+            print(f"\nsource:    {src}\nreference: {ref}\nmodel:     {hyp}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="attnserve", description="Attention-based machine translation.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="build a parallel corpus").add_subparsers(dest="action", required=True)
+    build = data.add_parser("build", help="read gettext catalogs / TSV / Moses files, clean, split")
+    build.add_argument("--src", default="en", help="source language (default en)")
+    build.add_argument("--tgt", default="fr", help="target language (default fr)")
+    build.add_argument("--out", required=True, help="output directory for train/dev/test.tsv and report.json")
+    build.add_argument("--locale-dir", default="/usr/share/locale", help="gettext locale directory")
+    build.add_argument("--no-catalogs", action="store_true", help="read only --tsv/--moses inputs")
+    build.add_argument("--tsv", type=Path, action="append", default=[], help="source<TAB>target file (repeatable)")
+    build.add_argument("--moses", type=Path, action="append", default=[],
+                       help="Moses file prefix: PREFIX.SRC and PREFIX.TGT (repeatable)")
+    build.add_argument("--max-chars", type=int, default=300)
+    build.add_argument("--max-words", type=int, default=60)
+    build.add_argument("--max-ratio", type=float, default=3.0)
+    build.add_argument("--dev-fraction", type=float, default=0.02)
+    build.add_argument("--test-fraction", type=float, default=0.02)
+    build.set_defaults(func=_data_build)
+
+    train = sub.add_parser("train", help="train or resume a model")
+    train.add_argument("--config", required=True, help="TOML config with [model] and [train] tables")
+    train.add_argument("--time-limit", type=float, help="minutes of training before a clean stop")
+    train.add_argument("--max-steps", type=int)
+    train.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
+    train.add_argument("--data", help="override train.data_dir")
+    train.add_argument("--out", help="override train.out_dir (the run directory)")
+    train.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
+    train.set_defaults(func=_train)
+
+    ev = sub.add_parser("eval", help="BLEU/chrF on the test split, BLEU by source length, plot")
+    ev.add_argument("runs", nargs="+", help="run directories (several: one plot compares them)")
+    ev.add_argument("--split", help="TSV to score (default: the run's test.tsv)")
+    ev.add_argument("--beam", type=int, default=1)
+    ev.add_argument("--length-penalty", type=float, default=1.0)
+    ev.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    ev.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    ev.add_argument("--plot", help="PNG path (default RUN/bleu-by-length.png)")
+    ev.add_argument("--show", type=int, default=0, help="print this many test translations")
+    ev.set_defaults(func=_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""The interface every encoder-decoder implements; decoding, training and export rely on it.
+
+A decoder state is a flat dict of tensors whose first dimension is the batch, so beam search can
+reorder any architecture's state with one index_select and the exporter can name every tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from model.config import ModelConfig
+from model.tokenizer import PAD_ID
+
+State = dict[str, torch.Tensor]
+
+
+class EncoderDecoder(nn.Module):
+    config: ModelConfig
+
+    def encode(self, src: torch.Tensor) -> State:
+        """src (B, S) token ids, PAD-padded -> the initial decoder state."""
+        raise NotImplementedError
+
+    def decode_step(self, prev: torch.Tensor, state: State) -> tuple[torch.Tensor, State, torch.Tensor]:
+        """prev (B,) last target token -> logits (B, V), next state, cross-attention (B, S)."""
+        raise NotImplementedError
+
+    def forward(self, src: torch.Tensor, tgt_in: torch.Tensor, return_attention: bool = False):
+        """Teacher forcing: src (B, S), tgt_in (B, T) starting with BOS -> logits (B, T, V)
+        [and cross-attention (B, T, S) when return_attention]."""
+        raise NotImplementedError
+
+    @staticmethod
+    def reorder_state(state: State, index: torch.Tensor) -> State:
+        return {name: tensor.index_select(0, index) for name, tensor in state.items()}
+
+    @staticmethod
+    def source_mask(src: torch.Tensor) -> torch.Tensor:
+        return src != PAD_ID  # (B, S) True on real tokens
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,82 @@
+"""Run directories and checkpoints. Nothing here unpickles arbitrary objects: weights are
+safetensors, trainer state is loaded with torch.load(weights_only=True), config is JSON.
+
+    RUN/config.json                        the full Config, plus the checkpoint format version
+    RUN/spm.model                          the SentencePiece model
+    RUN/log.jsonl                          training and evaluation metrics, one JSON per line
+    RUN/checkpoints/{last,best}/model.safetensors
+    RUN/checkpoints/last/trainer.pt        optimiser, scheduler, RNG, data position
+    RUN/checkpoints/{last,best}/meta.json  step, epoch, dev BLEU
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+
+from model.base import EncoderDecoder
+from model.config import Config
+from model.tokenizer import Tokenizer
+from model.zoo import build_model
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(Exception):
+    """A run directory or checkpoint is missing, incomplete or from an incompatible version."""
+
+
+def write_config(run_dir: Path, config: Config) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    payload = {"format_version": FORMAT_VERSION, **config.to_dict()}
+    (run_dir / "config.json").write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def read_config(run_dir: Path) -> Config:
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"no config.json in {run_dir}: not a training run directory")
+    raw = json.loads(path.read_text())
+    version = raw.pop("format_version", None)
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format {version}, this version reads {FORMAT_VERSION}")
+    return Config.from_dict(raw)
+
+
+def save_checkpoint(directory: Path, model: EncoderDecoder, meta: dict[str, Any], trainer: dict[str, Any] | None = None) -> None:
+    """Write atomically: into a temporary directory that then replaces the old one."""
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    safetensors.torch.save_model(model, str(tmp / "model.safetensors"))
+    if trainer is not None:
+        torch.save(trainer, tmp / "trainer.pt")
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    old = directory.with_name(directory.name + ".old")
+    if directory.exists():
+        directory.rename(old)
+    tmp.rename(directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_trainer_state(directory: Path) -> dict[str, Any]:
+    return torch.load(directory / "trainer.pt", weights_only=True, map_location="cpu")
+
+
+def load_model(run_dir: Path | str, which: str = "best", device: str = "cpu") -> tuple[EncoderDecoder, Tokenizer, Config]:
+    """Model (in eval mode), tokenizer and config of a run; `which` is best or last."""
+    run_dir = Path(run_dir)
+    config = read_config(run_dir)
+    weights = run_dir / "checkpoints" / which / "model.safetensors"
+    if not weights.is_file():
+        raise CheckpointError(f"no {which} checkpoint in {run_dir}")
+    model = build_model(config.model)
+    missing, unexpected = safetensors.torch.load_model(model, str(weights), strict=False, device=device)
+    if missing or unexpected:
+        raise CheckpointError(f"{weights} does not match the {config.model.arch} config: missing {missing}, unexpected {unexpected}")
+    return model.to(device).eval(), Tokenizer(run_dir / "spm.model"), config

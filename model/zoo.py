@@ -1,0 +1,16 @@
+"""Build any model of the zoo from its config."""
+
+from __future__ import annotations
+
+from model.base import EncoderDecoder
+from model.config import ModelConfig
+from model.rnn import RNNSeq2Seq
+from model.transformer import Transformer
+
+
+def build_model(cfg: ModelConfig) -> EncoderDecoder:
+    if cfg.arch == "transformer":
+        return Transformer(cfg)
+    if cfg.arch == "rnn":
+        return RNNSeq2Seq(cfg)
+    raise ValueError(f"unknown architecture {cfg.arch!r}")
