@@ -17,6 +17,7 @@ import collections
 import dataclasses
 import gettext
 import hashlib
+import itertools
 import json
 import logging
 import re
@@ -154,10 +155,10 @@ def read_moses(src_path: Path, tgt_path: Path) -> Iterator[Pair]:
     with open(src_path, encoding="utf-8", errors="replace") as fs, open(
         tgt_path, encoding="utf-8", errors="replace"
     ) as ft:
-        for n, (s, t) in enumerate(zip(fs, ft, strict=False)):
+        for s, t in itertools.zip_longest(fs, ft):
+            if s is None or t is None:
+                raise CorpusError(f"{src_path} and {tgt_path} have different numbers of lines")
             yield Pair(s.rstrip("\n"), t.rstrip("\n"), src_path.stem)
-        if fs.readline() or ft.readline():
-            raise CorpusError(f"{src_path} and {tgt_path} have different numbers of lines")
 
 
 # --------------------------------------------------------------------------------------------
@@ -172,7 +173,7 @@ _AMP_ACCEL = re.compile(r"(?<!&)&(?=[^\W_])(?![A-Za-z]+;|#\d+;)")
 # Underscores inside identifiers (LC_ALL, snake_case, --no_color) must stay.
 _IDENTIFIER = re.compile(r"[A-Z0-9]+_[A-Z0-9_]+|\w+_\w+_\w+|[-$%]\w*_\w*")
 # printf conversions: %s, %d, %1$s, %-10.3lf, %lu, %zu ...; "%%" is a literal percent.
-PLACEHOLDER = re.compile(r"%(?:\d+\$)?[-+ #0']*(?:\d+|\*)?(?:\.(?:\d+|\*))?(?:hh|h|ll|l|L|z|j|t|q)?[diouxXeEfFgGaAcspn]")
+PLACEHOLDER = re.compile(r"%%|%(?:\d+\$)?[-+ #0']*(?:\d+|\*)?(?:\.(?:\d+|\*))?(?:hh|h|ll|l|L|z|j|t|q)?[diouxXeEfFgGaAcspn]")
 
 
 def _strip_accelerator(text: str, pattern: re.Pattern) -> str | None:
@@ -199,7 +200,7 @@ def normalise(text: str) -> str:
 
 def placeholders(text: str) -> list[str]:
     """The printf conversions of a message with positions removed, sorted: %1$s -> %s."""
-    return sorted(re.sub(r"\d+\$", "", p) for p in PLACEHOLDER.findall(text))
+    return sorted(re.sub(r"\d+\$", "", p) for p in PLACEHOLDER.findall(text) if p != "%%")
 
 
 def drop_reason(src: str, tgt: str, cfg: CleanConfig) -> str | None:

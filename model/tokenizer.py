@@ -38,6 +38,7 @@ def train_tokenizer(texts: Iterable[str], model_path: Path, vocab_size: int = 80
         input_sentence_size=2_000_000,
         shuffle_input_sentence=True,
         num_threads=2,
+        hard_vocab_limit=False,  # small corpora get the vocabulary they can support
         minloglevel=2,
     )
     model_path.parent.mkdir(parents=True, exist_ok=True)
