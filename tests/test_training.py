@@ -134,7 +134,7 @@ def test_checkpoints_refuse_incompatible_or_missing_files(toy_corpus: Path, tmp_
         def __reduce__(self):
             return (print, ("unpickled!",))
 
-    (run_dir / "checkpoints/last/trainer.pt").write_bytes(pickle.dumps({"optimizer": Evil()}))
+    (run_dir / "checkpoints/last/trainer.pt").write_bytes(pickle.dumps({"optimizer": Evil()}, protocol=2))
     from model.checkpoint import load_trainer_state
 
     with pytest.raises(pickle.UnpicklingError):
