@@ -80,6 +80,36 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from server.bundle import BundleError, load_bundle
+
+    if args.summary_only:
+        from export.exporter import summary
+
+        try:
+            print(summary(load_bundle(args.source).manifest))
+        except BundleError as exc:
+            log.error("%s", exc)
+            return 2
+        return 0
+    if not args.out:
+        log.error("--out REPO/NAME/VERSION is required to export")
+        return 2
+    from export.exporter import export_bundle, summary
+    from export.specs import UnsupportedArchitecture
+    from export.validate import ExportValidationError
+    from model.checkpoint import CheckpointError
+
+    try:
+        manifest = export_bundle(Path(args.source), Path(args.out), tuple(args.precision), args.checkpoint,
+                                 args.validation_sentences)
+    except (CheckpointError, ExportValidationError, UnsupportedArchitecture, FileExistsError, ValueError, FileNotFoundError) as exc:
+        log.error("%s", exc)
+        return 2
+    print(summary(manifest))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attnserve", description="Attention-based machine translation.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -122,6 +152,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--plot", help="PNG path (default RUN/bleu-by-length.png)")
     ev.add_argument("--show", type=int, default=0, help="print this many test translations")
     ev.set_defaults(func=_eval)
+
+    ex = sub.add_parser("export", help="export a training run to a verified ONNX model bundle")
+    ex.add_argument("source", help="training run directory (or, with --summary, a bundle directory)")
+    ex.add_argument("--out", help="bundle directory, conventionally REPO/NAME/VERSION")
+    ex.add_argument("--precision", nargs="+", default=["fp32", "int8"], choices=["fp32", "int8", "fp16"],
+                    help="precisions to export (fp16 needs CUDA for validation)")
+    ex.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    ex.add_argument("--validation-sentences", type=int, default=0,
+                    help="dev/test sentences used to validate (default: the whole splits)")
+    ex.add_argument("--summary", dest="summary_only", action="store_true",
+                    help="print node types and validation results of an existing bundle")
+    ex.set_defaults(func=_export)
     return parser
 
 

@@ -200,6 +200,26 @@ def build_rnn_attention(kind: str, score: str, query_dim: int, key_dim: int, att
 # Multi-head attention (Transformer)
 
 
+@torch.library.custom_op("attnserve::attention_with_weights", mutates_args=())
+def attention_with_weights(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled dot-product attention that also returns its weights, for alignments.
+
+    q (B, H, T, Dh), k and v (B, H, S, Dh), mask (B, 1, T, S) bool -> (B, H, T, Dh), (B, H, T, S).
+    One op rather than MatMul/Softmax/MatMul so that the exporter can emit it as one fused
+    attention node that returns its softmax weights too (ONNX Attention, qk_matmul_output_mode=3).
+    """
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
+    weights = masked_softmax(scores, mask)
+    return weights @ v, weights
+
+
+@attention_with_weights.register_fake
+def _(q, k, v, mask):
+    return q.new_empty(q.shape), q.new_empty((*q.shape[:-1], k.size(-2)))
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head scaled dot-product attention on F.scaled_dot_product_attention.
 
@@ -242,11 +262,15 @@ class MultiHeadAttention(nn.Module):
             S = k.size(2)
             causal_mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
             mask = causal_mask if mask is None else mask & causal_mask
+        if mask is not None and mask.dim() == 4:
+            # Spell the mask out over the query length: onnxruntime's CPU kernel for the fused
+            # ONNX Attention op rejects a mask that broadcasts over queries.
+            mask = mask.expand(-1, -1, T, -1)
         weights = None
-        if need_weights:
-            scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, H, T, S)
-            weights = masked_softmax(scores, mask) if mask is not None else scores.softmax(-1)
-            y = weights @ v
+        if need_weights:  # for inspection only: no gradient flows through the weights path
+            if mask is None:
+                mask = torch.ones(1, 1, T, k.size(2), dtype=torch.bool, device=x.device)
+            y, weights = attention_with_weights(q, k, v, mask.expand(B, 1, T, -1))  # (B, H, T, S)
         else:
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0

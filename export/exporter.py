@@ -1,0 +1,197 @@
+"""Checkpoint -> verified model bundle.
+
+    1. export the encoder and decoder-step graphs (fp32) from the torch model;
+    2. derive the other precisions: int8 (dynamic quantisation, CPU), fp16 (CUDA);
+    3. validate every precision against torch, collecting every failure;
+    4. only if all pass, write graphs, tokenizer and manifest (with sha256 of every file) and
+       move the finished directory into place. A failed export writes nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import importlib.metadata
+import json
+import logging
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnxruntime as ort
+import torch
+
+from export.graphs import example_inputs, export_graph, node_types
+from export.specs import IR_VERSION, OPSET, ArchitectureSpec, architecture_spec
+from export.validate import ExportValidationError, validate_precision
+from model.checkpoint import FORMAT_VERSION, load_model, read_config
+from model.decode import DecodeOptions
+from model.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+from server.bundle import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, MANIFEST, sha256_file
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "int8", "fp16")
+
+
+def untie_shared_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Give every MatMul/Gemm its own copy of a weight that a Gather also reads.
+
+    The tied embedding is both the lookup table (Gather) and the output projection; the
+    quantiser rewrites a weight in place for its MatMul, which would corrupt the lookup. In the
+    int8 graph the table stays fp32 and the projection gets its own int8 copy."""
+    initializers = {init.name: init for init in proto.graph.initializer}
+    gathered = {node.input[0] for node in proto.graph.node if node.op_type == "Gather" and node.input[0] in initializers}
+    for node in proto.graph.node:
+        if node.op_type not in ("MatMul", "Gemm"):
+            continue
+        for i, name in enumerate(node.input):
+            if name in gathered:
+                copy = onnx.TensorProto()
+                copy.CopyFrom(initializers[name])
+                copy.name = f"{name}.{node.name}"
+                proto.graph.initializer.append(copy)
+                node.input[i] = copy.name
+    return proto
+
+
+def quantize_int8(source: Path, target: Path) -> None:
+    """Dynamic int8 quantisation of the MatMul/Gemm weights (activations quantised at run time)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    untied = target.with_suffix(".untied.onnx")
+    onnx.save(untie_shared_weights(onnx.load(str(source))), str(untied))
+    try:
+        quantize_dynamic(str(untied), str(target), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    finally:
+        untied.unlink()
+    proto = onnx.load(str(target))
+    proto.ir_version = IR_VERSION
+    onnx.save(proto, str(target))
+
+
+def convert_fp16(source: Path, target: Path) -> None:
+    """fp16 weights and activations, inputs/outputs kept fp32 so callers need not change."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    proto = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True)
+    proto.ir_version = IR_VERSION
+    onnx.save(proto, str(target))
+
+
+def attention_description(cfg) -> str:
+    if cfg.arch == "transformer":
+        return "multi-head scaled dot-product"
+    if cfg.attention == "none":
+        return "none (fixed context)"
+    return f"{cfg.attention} {cfg.score}"
+
+
+def export_bundle(
+    run_dir: Path,
+    out_dir: Path,
+    precisions: tuple[str, ...] = ("fp32", "int8"),
+    which: str = "best",
+    validation_sentences: int = 0,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """Export a training run to a bundle directory; returns the manifest."""
+    unknown = set(precisions) - set(PRECISIONS)
+    if unknown or "fp32" not in precisions:
+        raise ValueError(f"precisions must include fp32 and come from {PRECISIONS}; got {precisions}")
+    if "fp16" in precisions and "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise ValueError("fp16 bundles are validated on CUDA; this onnxruntime has no CUDAExecutionProvider")
+    out_dir = Path(out_dir)
+    if (out_dir / MANIFEST).exists():
+        raise FileExistsError(f"{out_dir} already holds a bundle; versions are immutable, export to a new version")
+    model, tokenizer, config = load_model(run_dir, which)
+    arch = architecture_spec(model)
+    work = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir.parent if out_dir.parent.exists() else None))
+    try:
+        manifest = _build(model, tokenizer, config, arch, run_dir, work, precisions, which, validation_sentences)
+        manifest["command"] = command or " ".join(["attnserve", *sys.argv[1:]])
+        files = sorted(p for p in work.rglob("*") if p.is_file())
+        manifest["files"] = {str(p.relative_to(work)): sha256_file(p) for p in files}
+        (work / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        work.rename(out_dir)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    log.info("bundle written to %s", out_dir)
+    return manifest
+
+
+def _build(model, tokenizer, config, arch: ArchitectureSpec, run_dir: Path, work: Path,
+           precisions, which: str, validation_sentences: int) -> dict[str, Any]:
+    inputs = example_inputs(model, arch)
+    (work / "fp32").mkdir()
+    graphs: dict[str, dict[str, Any]] = {}
+    for spec in arch.graphs:
+        proto = export_graph(model, arch, spec, inputs[spec.name])
+        onnx.checker.check_model(proto)
+        onnx.save(proto, str(work / "fp32" / f"{spec.name}.onnx"))
+    for precision in precisions:
+        (work / precision).mkdir(exist_ok=True)
+        for spec in arch.graphs:
+            source, target = work / "fp32" / f"{spec.name}.onnx", work / precision / f"{spec.name}.onnx"
+            if precision == "int8":
+                quantize_int8(source, target)
+            elif precision == "fp16":
+                convert_fp16(source, target)
+        graphs[precision] = {
+            "files": {spec.name: f"{precision}/{spec.name}.onnx" for spec in arch.graphs},
+            "node_types": {spec.name: node_types(onnx.load(str(work / precision / f"{spec.name}.onnx"))) for spec in arch.graphs},
+        }
+    shutil.copy(run_dir / "spm.model", work / "spm.model")
+    cfg, tc = config.model, config.train
+    decoding = DecodeOptions()
+    manifest: dict[str, Any] = {
+        "format": BUNDLE_FORMAT,
+        "format_version": BUNDLE_FORMAT_VERSION,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "architecture": cfg.arch,
+        "attention": attention_description(cfg),
+        "label": cfg.label,
+        "model_config": dataclasses.asdict(cfg),
+        "parameters": model.num_parameters(),
+        "languages": {"source": tc.src_lang, "target": tc.tgt_lang},
+        "vocab_size": cfg.vocab_size,
+        "special_ids": {"pad": PAD_ID, "unk": UNK_ID, "bos": BOS_ID, "eos": EOS_ID},
+        "max_len": cfg.max_len,
+        "decoding": {"max_len_a": decoding.max_len_a, "max_len_b": decoding.max_len_b},
+        "opset": OPSET,
+        "ir_version": IR_VERSION,
+        "state": {
+            "static": [t.to_json() for t in arch.static],
+            "dynamic": [t.to_json() for t in arch.dynamic],
+            "dynamic_from_encoder": arch.dynamic_from_encoder,
+        },
+        "tokenizer": "spm.model",
+        "precisions": graphs,
+        "source_checkpoint": {"run": str(run_dir), "checkpoint": which, "checkpoint_format": FORMAT_VERSION,
+                              **json.loads((Path(run_dir) / "checkpoints" / which / "meta.json").read_text())},
+        "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__,
+                     "attnserve": importlib.metadata.version("attnserve")},
+    }
+    failures: list[str] = []
+    for precision in precisions:
+        report = validate_precision(model, tokenizer, config, arch, work, manifest, precision, validation_sentences)
+        graphs[precision]["validation"] = report.results
+        failures += [f"{precision}: {f}" for f in report.failures]
+    if failures:
+        raise ExportValidationError(failures)
+    return manifest
+
+
+def summary(manifest: dict[str, Any]) -> str:
+    """Node types per graph and precision, and the validation results, as text."""
+    lines = [f"{manifest['label']} ({manifest['attention']} attention), {manifest['parameters']:,} parameters"]
+    for precision, info in manifest["precisions"].items():
+        for graph, counts in info["node_types"].items():
+            lines.append(f"  {precision:5s} {graph:13s} " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+        lines.append(f"  {precision:5s} validation    {json.dumps(info.get('validation', {}))}")
+    return "\n".join(lines)

@@ -1,0 +1,118 @@
+"""torch -> ONNX for one graph: wrappers with flat tensor signatures, the dynamo exporter at
+opset 23 (every F.scaled_dot_product_attention becomes one fused `Attention` node), and the fused
+attention-with-weights node for alignments, which the exporter emits directly."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import warnings
+
+import onnx
+import torch
+from onnxscript import opset23 as op23
+from torch.export import Dim
+
+from export.specs import IR_VERSION, ArchitectureSpec, GraphSpec
+from model.attention import attention_with_weights
+from model.base import EncoderDecoder
+
+log = logging.getLogger(__name__)
+
+
+def _attention_with_weights(q, k, v, mask):
+    """attnserve::attention_with_weights as one ONNX Attention node that also returns its
+    softmax weights (qk_matmul_output_mode=3) instead of a MatMul/Softmax/MatMul chain."""
+    y, _, _, weights = op23.Attention(q, k, v, mask, qk_matmul_output_mode=3)
+    return y, weights
+
+
+CUSTOM_TRANSLATIONS = {attention_with_weights._opoverload: _attention_with_weights}
+
+
+class EncoderGraph(torch.nn.Module):
+    def __init__(self, model: EncoderDecoder, outputs: list[str]):
+        super().__init__()
+        self.model, self.outputs = model, outputs
+
+    def forward(self, src: torch.Tensor):
+        state = self.model.encode(src)
+        return tuple(state[name] for name in self.outputs)
+
+
+class DecoderStepGraph(torch.nn.Module):
+    def __init__(self, model: EncoderDecoder, static: list[str], dynamic: list[str]):
+        super().__init__()
+        self.model, self.static, self.dynamic = model, static, dynamic
+
+    def forward(self, prev: torch.Tensor, *tensors: torch.Tensor):
+        state = dict(zip(self.static + self.dynamic, tensors))
+        logits, new_state, attention = self.model.decode_step(prev, state)
+        return (torch.log_softmax(logits.float(), dim=-1), attention, *(new_state[name] for name in self.dynamic))
+
+
+def example_inputs(model: EncoderDecoder, arch: ArchitectureSpec) -> dict[str, tuple[torch.Tensor, ...]]:
+    """Tracing inputs: a padded batch, and a decoder state one step in (non-empty cache)."""
+    g = torch.Generator().manual_seed(0)
+    src = torch.randint(4, model.config.vocab_size, (3, 7), generator=g)
+    src[1, 5:] = 0
+    src[2, 2:] = 0
+    with torch.inference_mode():
+        state = model.encode(src)
+        prev = torch.tensor([2, 2, 2])
+        _, state, _ = model.decode_step(prev, state)
+    names = [t.name for t in arch.static + arch.dynamic]
+    return {"encoder": (src,), "decoder_step": (prev, *(state[n].clone() for n in names))}
+
+
+def _dynamic_shapes(spec: GraphSpec) -> tuple:
+    shapes = tuple({i: Dim.DYNAMIC for i, axis in enumerate(t.axes) if isinstance(axis, str)} for t in spec.inputs)
+    return shapes if spec.name == "encoder" else (shapes[0], shapes[1:])
+
+
+def clean_graph(proto: onnx.ModelProto, spec: GraphSpec) -> onnx.ModelProto:
+    """Drop the exporter's intermediate shape annotations (some are stale, which trips onnx
+    shape inference in quantisation), write the spec's symbolic dims on inputs and outputs,
+    and set the IR version onnxruntime reads."""
+    del proto.graph.value_info[:]
+    for values, specs in ((proto.graph.input, spec.inputs), (proto.graph.output, spec.outputs)):
+        for value, tensor in zip(values, specs):
+            dims = value.type.tensor_type.shape.dim
+            del dims[:]
+            for axis in tensor.axes:
+                dim = dims.add()
+                if isinstance(axis, str):
+                    dim.dim_param = axis
+                else:
+                    dim.dim_value = axis
+    proto.ir_version = IR_VERSION
+    return proto
+
+
+def export_graph(model: EncoderDecoder, arch: ArchitectureSpec, spec: GraphSpec, inputs: tuple) -> onnx.ModelProto:
+    if spec.name == "encoder":
+        module = EncoderGraph(model, [t.name for t in spec.outputs])
+    else:
+        module = DecoderStepGraph(model, [t.name for t in arch.static], [t.name for t in arch.dynamic])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module.eval(), inputs, dynamo=True, opset_version=spec.opset,
+            input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs],
+            dynamic_shapes=_dynamic_shapes(spec), custom_translation_table=CUSTOM_TRANSLATIONS,
+            optimize=True, verbose=False,
+        )
+    proto = clean_graph(program.model_proto, spec)
+    got = [v.name for v in proto.graph.input], [v.name for v in proto.graph.output]
+    want = [t.name for t in spec.inputs], [t.name for t in spec.outputs]
+    if got != want:
+        raise RuntimeError(f"{spec.name}: exported graph has inputs/outputs {got}, spec says {want}")
+    return proto
+
+
+def node_types(proto: onnx.ModelProto) -> dict[str, int]:
+    counts = collections.Counter(
+        f"{node.domain}.{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type
+        for node in proto.graph.node
+    )
+    return dict(counts.most_common())

@@ -1,0 +1,111 @@
+"""Export every architecture from a small trained checkpoint: fused attention, parity with
+torch, a verified bundle, and refusal of tampered bundles and bad checkpoints."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import onnx
+import pytest
+
+from attnserve.cli import main
+from export.exporter import export_bundle
+from model.config import Config
+from model.train import run_training
+from server.bundle import BundleError, load_bundle
+from server.engine import Engine
+from tests.test_training import toy_config  # noqa: F401  (shared toy corpus helpers)
+
+ARCHITECTURES = {
+    "transformer": dict(arch="transformer"),
+    "bahdanau": dict(arch="rnn", decoder="bahdanau", attention="global", score="additive"),
+    "luong": dict(arch="rnn", decoder="luong", attention="global", score="general", cell="lstm"),
+    "luong-local": dict(arch="rnn", decoder="luong", attention="local", score="concat", window=3),
+}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, request) -> dict[str, Path]:
+    from tests.test_training import toy_pair
+    import random
+    from model.corpus import write_tsv
+
+    root = tmp_path_factory.mktemp("export")
+    rng = random.Random(0)
+    corpus = root / "corpus"
+    corpus.mkdir()
+    write_tsv(corpus / "train.tsv", [toy_pair(rng) for _ in range(400)])
+    write_tsv(corpus / "dev.tsv", [toy_pair(rng) for _ in range(40)])
+    write_tsv(corpus / "test.tsv", [toy_pair(rng) for _ in range(40)])
+    runs = {}
+    for name, model in ARCHITECTURES.items():
+        config: Config = toy_config(corpus, root / name, **model)
+        config.train.max_steps = 150
+        run_training(config)
+        runs[name] = root / name
+    return runs
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_export_matches_torch(trained: dict[str, Path], tmp_path: Path, name: str) -> None:
+    out = tmp_path / "repo" / name / "1"
+    manifest = export_bundle(trained[name], out, precisions=("fp32", "int8"))
+    fp32 = manifest["precisions"]["fp32"]["validation"]
+    assert fp32["max_abs_diff_random"] <= 1e-4 and fp32["max_abs_diff_dev"] <= 1e-4
+    assert fp32["greedy_identical"] == 1.0
+    int8 = manifest["precisions"]["int8"]["validation"]
+    assert abs(int8["bleu_difference"]) <= 0.5 or int8["test_bleu"] >= int8["test_bleu_torch"]
+    bundle = load_bundle(out)
+    assert set(manifest["files"]) == {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name != "manifest.json"}
+    engine = Engine(bundle, "fp32", device="cpu")
+    assert engine.translate(["the red cat sees the dog"])[0].startswith("le chat rouge")
+
+
+def test_transformer_attention_is_fused(trained: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "t" / "1"
+    export_bundle(trained["transformer"], out, precisions=("fp32",))
+    cfg = json.loads((out / "manifest.json").read_text())["model_config"]
+    for graph, expected in (("encoder", cfg["enc_layers"]), ("decoder_step", 2 * cfg["dec_layers"])):
+        ops = [n.op_type for n in onnx.load(str(out / "fp32" / f"{graph}.onnx")).graph.node]
+        assert ops.count("Attention") == expected, (graph, ops)
+        assert "Softmax" not in ops and "LogSoftmax" not in ops[:-1], graph  # only the final log-probs
+    alignment = [n for n in onnx.load(str(out / "fp32/decoder_step.onnx")).graph.node
+                 if n.op_type == "Attention" and any(a.name == "qk_matmul_output_mode" and a.i == 3 for a in n.attribute)]
+    assert len(alignment) == 1  # the last cross-attention returns its weights from the fused node
+
+
+def test_tampered_or_incomplete_bundles_are_refused(trained: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "b" / "1"
+    export_bundle(trained["bahdanau"], out, precisions=("fp32",))
+    load_bundle(out)
+    graph = out / "fp32" / "decoder_step.onnx"
+    data = bytearray(graph.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    graph.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="decoder_step.onnx does not match its sha256"):
+        load_bundle(out)
+    (out / "spm.model").unlink()
+    with pytest.raises(BundleError, match="spm.model is missing"):
+        load_bundle(out)
+    (out / "manifest.json").write_text("{not json")
+    with pytest.raises(BundleError, match="not valid JSON"):
+        load_bundle(out)
+    with pytest.raises(BundleError, match="no manifest.json"):
+        load_bundle(tmp_path)
+
+
+def test_bad_checkpoints_write_nothing(trained: dict[str, Path], tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(trained["transformer"], run)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "model": {**config["model"], "arch": "mamba"}}))
+    assert main(["export", str(run), "--out", str(tmp_path / "repo/m/1")]) == 2
+    (run / "config.json").write_text(json.dumps({**config, "format_version": 0}))
+    assert main(["export", str(run), "--out", str(tmp_path / "repo/m/1")]) == 2
+    (run / "config.json").write_text(json.dumps(config))
+    (run / "spm.model").unlink()
+    assert main(["export", str(run), "--out", str(tmp_path / "repo/m/1")]) == 2
+    assert not (tmp_path / "repo/m/1").exists()
+    assert not [p for p in (tmp_path / "repo/m").glob("*")] if (tmp_path / "repo/m").exists() else True
