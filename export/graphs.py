@@ -66,7 +66,11 @@ def example_inputs(model: EncoderDecoder, arch: ArchitectureSpec) -> dict[str, t
 
 
 def _dynamic_shapes(spec: GraphSpec) -> tuple:
-    shapes = tuple({i: Dim.DYNAMIC for i, axis in enumerate(t.axes) if isinstance(axis, str)} for t in spec.inputs)
+    # Named dims, one per axis name: torch.export then fails loudly if tracing would specialise
+    # an axis to the example's size (Dim.DYNAMIC would specialise silently).
+    dims = {axis: Dim(axis, min=1) if axis != "past" else Dim(axis, min=0)
+            for t in spec.inputs for axis in t.axes if isinstance(axis, str)}
+    shapes = tuple({i: dims[axis] for i, axis in enumerate(t.axes) if isinstance(axis, str)} for t in spec.inputs)
     return shapes if spec.name == "encoder" else (shapes[0], shapes[1:])
 
 

@@ -27,7 +27,8 @@ def reverse_padded(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     S = x.size(1)
     t = torch.arange(S, device=x.device).unsqueeze(0)  # (1, S)
     index = torch.where(t < lengths.unsqueeze(1), lengths.unsqueeze(1) - 1 - t, t)  # (B, S)
-    return x.gather(1, index.unsqueeze(-1).expand_as(x))
+    # expand over the feature axis only: ONNX export keeps the batch and time axes symbolic
+    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.size(-1)))
 
 
 class RNNEncoder(nn.Module):
