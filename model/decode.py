@@ -32,9 +32,11 @@ class Hypothesis:
     attention: list[list[float]] | None = None  # (target tokens + EOS) x source positions
 
 
-def max_target_length(src: torch.Tensor, model: EncoderDecoder, opts: DecodeOptions) -> int:
-    longest = int((src != PAD_ID).sum(1).max())
-    return min(int(opts.max_len_a * longest + opts.max_len_b), model.config.max_len - 1)
+def max_target_lengths(src: torch.Tensor, model: EncoderDecoder, opts: DecodeOptions) -> torch.Tensor:
+    """Per-sentence limit a * source length + b (capped by the model): a sentence's output never
+    depends on which other sentences share its batch."""
+    lengths = (src != PAD_ID).sum(1).float()
+    return (opts.max_len_a * lengths + opts.max_len_b).long().clamp(max=model.config.max_len - 1)
 
 
 def _normalise(score: torch.Tensor, length: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -53,7 +55,8 @@ def greedy(model: EncoderDecoder, src: torch.Tensor, opts: DecodeOptions | None 
     finished = torch.zeros(B, dtype=torch.bool, device=src.device)
     length = torch.zeros(B, device=src.device)
     attns = []
-    for _ in range(max_target_length(src, model, opts)):
+    limits = max_target_lengths(src, model, opts)  # (B,)
+    for step in range(int(limits.max())):
         logits, state, attn = model.decode_step(prev, state)
         logp = torch.log_softmax(logits.float(), dim=-1)  # (B, V)
         best_logp, prev = logp.max(dim=-1)
@@ -62,7 +65,7 @@ def greedy(model: EncoderDecoder, src: torch.Tensor, opts: DecodeOptions | None 
         length += (~finished).float()
         tokens = torch.cat([tokens, prev[:, None]], dim=1)
         attns.append(attn)
-        finished |= prev == EOS_ID
+        finished |= (prev == EOS_ID) | (limits <= step + 1)
         if finished.all():
             break
     score = _normalise(score, length, opts.length_penalty)
@@ -88,7 +91,8 @@ def beam_search(model: EncoderDecoder, src: torch.Tensor, opts: DecodeOptions) -
     finished = torch.zeros(B * K, dtype=torch.bool, device=device)
     length = torch.zeros(B * K, device=device)
     attns: list[torch.Tensor] = []
-    for _ in range(max_target_length(src, model, opts)):
+    limits = max_target_lengths(src, model, opts).repeat_interleave(K)  # (B*K,)
+    for step in range(int(limits.max())):
         logits, state, attn = model.decode_step(prev, state)
         V = logits.size(-1)
         logp = torch.log_softmax(logits.float(), dim=-1)  # (B*K, V)
@@ -104,7 +108,7 @@ def beam_search(model: EncoderDecoder, src: torch.Tensor, opts: DecodeOptions) -
         tokens = torch.cat([tokens.index_select(0, origin), prev[:, None]], dim=1)
         attns = [a.index_select(0, origin) for a in attns] + [attn.index_select(0, origin)]
         length = length.index_select(0, origin) + (~finished.index_select(0, origin)).float()
-        finished = finished.index_select(0, origin) | (prev == EOS_ID)
+        finished = finished.index_select(0, origin) | (prev == EOS_ID) | (limits <= step + 1)
         if finished.all():
             break
     normalised = _normalise(scores.view(-1), length, opts.length_penalty).view(B, K)

@@ -71,19 +71,20 @@ class Engine:
         """src (B, S) int64, PAD-padded, each row ending in EOS -> token ids without EOS."""
         B = src.shape[0]
         state = self._initial_state(src)
-        longest = int((src != self.pad).sum(1).max())
-        steps = min(int(self.max_len_a * longest + self.max_len_b), self.max_len - 1)
+        # Per-sentence length limit, computed as model/decode.py does (float32, truncated).
+        lengths = (src != self.pad).sum(1).astype(np.float32)
+        limits = np.minimum((np.float32(self.max_len_a) * lengths + np.float32(self.max_len_b)).astype(np.int64), self.max_len - 1)
         prev = np.full(B, self.bos, dtype=np.int64)
         finished = np.zeros(B, dtype=bool)
         out = []
-        for _ in range(steps):
+        for step in range(int(limits.max())):
             feed = {"prev": prev, **{n: state[n] for n in self.static}, **{t["name"]: state[t["name"]] for t in self.dynamic}}
             results = self.step.run(None, feed)
             for tensor, value in zip(self.dynamic, results[2:]):
                 state[tensor["name"]] = value
             prev = np.where(finished, self.pad, results[0].argmax(-1)).astype(np.int64)
             out.append(prev)
-            finished |= prev == self.eos
+            finished |= (prev == self.eos) | (limits <= step + 1)
             if finished.all():
                 break
         tokens = np.stack(out, 1) if out else np.zeros((B, 0), np.int64)

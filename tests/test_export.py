@@ -4,6 +4,7 @@ torch, a verified bundle, and refusal of tampered bundles and bad checkpoints.""
 from __future__ import annotations
 
 import json
+import random
 import shutil
 from pathlib import Path
 
@@ -12,11 +13,14 @@ import pytest
 
 from attnserve.cli import main
 from export.exporter import export_bundle
+from model.checkpoint import load_model
 from model.config import Config
+from model.corpus import write_tsv
+from model.evaluate import translate_best
 from model.train import run_training
 from server.bundle import BundleError, load_bundle
 from server.engine import Engine
-from tests.test_training import toy_config  # noqa: F401  (shared toy corpus helpers)
+from tests.test_training import toy_config, toy_pair
 
 ARCHITECTURES = {
     "transformer": dict(arch="transformer"),
@@ -27,11 +31,7 @@ ARCHITECTURES = {
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, request) -> dict[str, Path]:
-    from tests.test_training import toy_pair
-    import random
-    from model.corpus import write_tsv
-
+def trained(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("export")
     rng = random.Random(0)
     corpus = root / "corpus"
@@ -60,7 +60,9 @@ def test_export_matches_torch(trained: dict[str, Path], tmp_path: Path, name: st
     bundle = load_bundle(out)
     assert set(manifest["files"]) == {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name != "manifest.json"}
     engine = Engine(bundle, "fp32", device="cpu")
-    assert engine.translate(["the red cat sees the dog"])[0].startswith("le chat rouge")
+    model, tokenizer, _ = load_model(trained[name])
+    sources = ["the red cat sees the dog", "the old house has the big green car"]
+    assert engine.translate(sources) == translate_best(model, tokenizer, sources)
 
 
 def test_transformer_attention_is_fused(trained: dict[str, Path], tmp_path: Path) -> None:

@@ -131,3 +131,19 @@ def test_unknown_configs_are_refused() -> None:
         build_model(tiny("rnn", score="cosine"))
     with pytest.raises(ValueError, match="dot attention needs equal"):
         build_rnn_attention("global", "dot", 8, 6, 4, 2)
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_output_does_not_depend_on_batch_companions(beam: int) -> None:
+    """Each sentence has its own length limit: decoding it alone or beside longer sentences gives
+    the same tokens (untrained models rarely emit EOS, so the limit decides their length)."""
+    torch.manual_seed(0)
+    model = build_model(tiny("transformer")).eval()
+    src, _ = padded_batch()
+    opts = DecodeOptions(beam_size=beam, max_len_a=1.0, max_len_b=2)
+    together = beam_search(model, src, opts) if beam > 1 else greedy(model, src, opts)
+    for i in range(src.size(0)):
+        alone_src = src[i : i + 1, : int((src[i] != 0).sum())]
+        alone = beam_search(model, alone_src, opts) if beam > 1 else greedy(model, alone_src, opts)
+        assert alone[0][0].tokens == together[i][0].tokens
+        assert len(together[i][0].tokens) <= 1.0 * alone_src.size(1) + 2
