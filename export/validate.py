@@ -90,8 +90,11 @@ def step_parity(model, engine: Engine, arch: ArchitectureSpec, src: torch.Tensor
 def validate_precision(model, tokenizer, config, arch: ArchitectureSpec, work: Path, manifest: dict, precision: str,
                        sentences: int = 0) -> ValidationReport:
     report = ValidationReport()
-    device = "cuda" if precision == "fp16" else "cpu"
+    # fp16 is meant for CUDA; where there is none, its numerics are checked on the CPU provider
+    # (the manifest records which one).
+    device = "auto" if precision == "fp16" else "cpu"
     engine = Engine(Bundle(work, manifest), precision, device=device, threads=0)
+    report.results["provider"] = engine.step.get_providers()[0]
     data_dir = Path(config.train.data_dir)
     dev = load_tsv(data_dir / "dev.tsv") if (data_dir / "dev.tsv").is_file() else []
     test = load_tsv(data_dir / "test.tsv") if (data_dir / "test.tsv").is_file() else []

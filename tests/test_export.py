@@ -65,14 +65,18 @@ def test_export_matches_torch(trained: dict[str, Path], tmp_path: Path, name: st
     assert engine.translate(sources) == translate_best(model, tokenizer, sources)
 
 
-def test_transformer_attention_is_fused(trained: dict[str, Path], tmp_path: Path) -> None:
+def test_transformer_attention_is_fused_in_every_precision(trained: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "t" / "1"
-    export_bundle(trained["transformer"], out, precisions=("fp32",))
-    cfg = json.loads((out / "manifest.json").read_text())["model_config"]
-    for graph, expected in (("encoder", cfg["enc_layers"]), ("decoder_step", 2 * cfg["dec_layers"])):
-        ops = [n.op_type for n in onnx.load(str(out / "fp32" / f"{graph}.onnx")).graph.node]
-        assert ops.count("Attention") == expected, (graph, ops)
-        assert "Softmax" not in ops and "LogSoftmax" not in ops[:-1], graph  # only the final log-probs
+    manifest = export_bundle(trained["transformer"], out, precisions=("fp32", "fp16", "int8"))
+    fp16 = manifest["precisions"]["fp16"]["validation"]
+    assert fp16["max_rel_diff_dev"] <= 1e-2 and abs(fp16["bleu_difference"]) <= 0.5
+    cfg = manifest["model_config"]
+    for precision in ("fp32", "fp16", "int8"):
+        for graph, expected in (("encoder", cfg["enc_layers"]), ("decoder_step", 2 * cfg["dec_layers"])):
+            ops = [n.op_type for n in onnx.load(str(out / precision / f"{graph}.onnx")).graph.node]
+            assert ops.count("Attention") == expected, (precision, graph, ops)
+            assert "Softmax" not in ops, (precision, graph)
+            assert ops.count("LogSoftmax") == (graph == "decoder_step"), (precision, graph)  # the output log-probs
     alignment = [n for n in onnx.load(str(out / "fp32/decoder_step.onnx")).graph.node
                  if n.op_type == "Attention" and any(a.name == "qk_matmul_output_mode" and a.i == 3 for a in n.attribute)]
     assert len(alignment) == 1  # the last cross-attention returns its weights from the fused node
