@@ -64,10 +64,15 @@ def quantize_int8(source: Path, target: Path) -> None:
 
     untied = target.with_suffix(".untied.onnx")
     onnx.save(untie_shared_weights(onnx.load(str(source))), str(untied))
+    # The quantiser logs a generic "consider pre-processing" warning on the root logger; the
+    # graph is already cleaned (clean_graph), so that advice does not apply here.
+    root, level = logging.getLogger(), logging.getLogger().level
+    root.setLevel(logging.ERROR)
     try:
         quantize_dynamic(str(untied), str(target), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
                          extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     finally:
+        root.setLevel(level)
         untied.unlink()
     proto = onnx.load(str(target))
     proto.ir_version = IR_VERSION
@@ -125,13 +130,17 @@ def export_bundle(
 
 def _build(model, tokenizer, config, arch: ArchitectureSpec, run_dir: Path, work: Path,
            precisions, which: str, validation_sentences: int) -> dict[str, Any]:
+    cfg, tc = config.model, config.train
     inputs = example_inputs(model, arch)
     (work / "fp32").mkdir()
     graphs: dict[str, dict[str, Any]] = {}
+    unfused: dict[str, dict[str, int]] = {}
     for spec in arch.graphs:
         proto = export_graph(model, arch, spec, inputs[spec.name])
         onnx.checker.check_model(proto)
         onnx.save(proto, str(work / "fp32" / f"{spec.name}.onnx"))
+        if cfg.arch == "transformer":
+            unfused[spec.name] = node_types(export_graph(model, arch, spec, inputs[spec.name], fused=False))
     for precision in precisions:
         (work / precision).mkdir(exist_ok=True)
         for spec in arch.graphs:
@@ -145,7 +154,6 @@ def _build(model, tokenizer, config, arch: ArchitectureSpec, run_dir: Path, work
             "node_types": {spec.name: node_types(onnx.load(str(work / precision / f"{spec.name}.onnx"))) for spec in arch.graphs},
         }
     shutil.copy(run_dir / "spm.model", work / "spm.model")
-    cfg, tc = config.model, config.train
     decoding = DecodeOptions()
     manifest: dict[str, Any] = {
         "format": BUNDLE_FORMAT,
@@ -170,6 +178,9 @@ def _build(model, tokenizer, config, arch: ArchitectureSpec, run_dir: Path, work
         },
         "tokenizer": "spm.model",
         "precisions": graphs,
+        # Node counts of the same graphs exported without fused attention (opset 18), so the
+        # fusion is visible: every MatMul/Softmax/MatMul chain became one Attention node.
+        "unfused_node_types": unfused,
         "source_checkpoint": {"run": str(run_dir), "checkpoint": which, "checkpoint_format": FORMAT_VERSION,
                               **json.loads((Path(run_dir) / "checkpoints" / which / "meta.json").read_text())},
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__,
@@ -188,6 +199,8 @@ def _build(model, tokenizer, config, arch: ArchitectureSpec, run_dir: Path, work
 def summary(manifest: dict[str, Any]) -> str:
     """Node types per graph and precision, and the validation results, as text."""
     lines = [f"{manifest['label']} ({manifest['attention']} attention), {manifest['parameters']:,} parameters"]
+    for graph, counts in manifest.get("unfused_node_types", {}).items():
+        lines.append(f"  unfused {graph:13s} " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     for precision, info in manifest["precisions"].items():
         for graph, counts in info["node_types"].items():
             lines.append(f"  {precision:5s} {graph:13s} " + ", ".join(f"{k} {v}" for k, v in counts.items()))

@@ -10,6 +10,7 @@ import warnings
 
 import onnx
 import torch
+from onnxscript import opset18 as op18
 from onnxscript import opset23 as op23
 from torch.export import Dim
 
@@ -27,7 +28,18 @@ def _attention_with_weights(q, k, v, mask):
     return y, weights
 
 
+def _attention_with_weights_unfused(q, k, v, mask):
+    """The same computation as a MatMul/Softmax/MatMul chain (opset 18): only for showing what
+    fusion replaces, in the manifest's before/after node counts."""
+    scale = op18.Sqrt(op18.CastLike(op18.Shape(q, start=-1), q))
+    scores = op18.Div(op18.MatMul(q, op18.Transpose(k, perm=[0, 1, 3, 2])), scale)
+    weights = op18.Softmax(op18.Where(mask, scores, op18.CastLike(-float("inf"), scores)), axis=-1)
+    return op18.MatMul(weights, v), weights
+
+
 CUSTOM_TRANSLATIONS = {attention_with_weights._opoverload: _attention_with_weights}
+UNFUSED_OPSET = 18  # before the ONNX Attention op: scaled_dot_product_attention is decomposed
+UNFUSED_TRANSLATIONS = {attention_with_weights._opoverload: _attention_with_weights_unfused}
 
 
 class EncoderGraph(torch.nn.Module):
@@ -93,7 +105,10 @@ def clean_graph(proto: onnx.ModelProto, spec: GraphSpec) -> onnx.ModelProto:
     return proto
 
 
-def export_graph(model: EncoderDecoder, arch: ArchitectureSpec, spec: GraphSpec, inputs: tuple) -> onnx.ModelProto:
+def export_graph(model: EncoderDecoder, arch: ArchitectureSpec, spec: GraphSpec, inputs: tuple,
+                 fused: bool = True) -> onnx.ModelProto:
+    """One graph at opset 23 with fused attention; fused=False exports the unfused opset-18
+    equivalent, used only to count what fusion removed."""
     if spec.name == "encoder":
         module = EncoderGraph(model, [t.name for t in spec.outputs])
     else:
@@ -101,9 +116,10 @@ def export_graph(model: EncoderDecoder, arch: ArchitectureSpec, spec: GraphSpec,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            module.eval(), inputs, dynamo=True, opset_version=spec.opset,
+            module.eval(), inputs, dynamo=True, opset_version=spec.opset if fused else UNFUSED_OPSET,
             input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs],
-            dynamic_shapes=_dynamic_shapes(spec), custom_translation_table=CUSTOM_TRANSLATIONS,
+            dynamic_shapes=_dynamic_shapes(spec),
+            custom_translation_table=CUSTOM_TRANSLATIONS if fused else UNFUSED_TRANSLATIONS,
             optimize=True, verbose=False,
         )
     proto = clean_graph(program.model_proto, spec)
