@@ -125,7 +125,7 @@ def validate_precision(model, tokenizer, config, arch: ArchitectureSpec, work: P
         report.failures.append(f"no dev split in {data_dir} to validate greedy decoding on")
         return report
     reference = [h[0].tokens for h in translate_texts(model, tokenizer, [s for s, _ in dev])]
-    onnx_tokens = engine.greedy_ids(engine.encode_texts([s for s, _ in dev]))
+    onnx_tokens = [h[0].tokens for h in engine.translate_ids(engine.encode_texts([s for s, _ in dev]))]
     identical = sum(a == b for a, b in zip(reference, onnx_tokens)) / len(dev)
     report.results["dev_sentences"] = len(dev)
     report.results["greedy_identical"] = round(identical, 4)
@@ -134,7 +134,7 @@ def validate_precision(model, tokenizer, config, arch: ArchitectureSpec, work: P
     if precision != "fp32" and test:
         sources, references = [s for s, _ in test], [t for _, t in test]
         torch_hyps = tokenizer.decode([h[0].tokens for h in translate_texts(model, tokenizer, sources)])
-        onnx_hyps = engine.translate(sources)
+        onnx_hyps = engine.translate_text(sources)
         torch_bleu = sacrebleu.corpus_bleu(torch_hyps, [references]).score
         onnx_bleu = sacrebleu.corpus_bleu(onnx_hyps, [references]).score
         report.results.update(test_sentences=len(test), test_bleu_torch=round(torch_bleu, 2),

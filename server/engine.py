@@ -3,12 +3,17 @@
 The encoder graph runs once per batch and returns the static decoder state (cross-attention
 keys/values, or the RNN memory and its attention-key projection); the step graph then runs once
 per target position with the dynamic state (self-attention cache or RNN hidden state).
-Decoding follows model/decode.py's greedy rules exactly, so fp32 output is token-identical to
-the torch reference.
+
+Greedy and beam search follow model/decode.py's rules exactly (per-sentence length limits,
+finished beams kept with their score, GNMT length penalty at the end), so fp32 output is
+token-identical to the torch reference. Unlike the reference, finished sentences leave the
+batch, and beams only reorder the dynamic state (the static state is the same for every beam
+of a sentence).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 
@@ -21,11 +26,39 @@ from server.bundle import Bundle
 log = logging.getLogger(__name__)
 
 
+@dataclasses.dataclass
+class TranslationOptions:
+    beam_size: int = 1
+    length_penalty: float = 1.0  # GNMT alpha; 0 = raw log-probability
+    nbest: int = 1
+    max_len_a: float | None = None  # None: the bundle's default (manifest "decoding")
+    max_len_b: int | None = None
+    min_length: int = 0  # EOS is not allowed before this many target tokens
+    return_alignment: bool = False
+
+    def validate(self) -> None:
+        if self.beam_size < 1:
+            raise ValueError(f"beam_size must be >= 1, got {self.beam_size}")
+        if not 1 <= self.nbest <= self.beam_size:
+            raise ValueError(f"nbest must be between 1 and beam_size ({self.beam_size}), got {self.nbest}")
+        if self.min_length < 0:
+            raise ValueError(f"min_length must be >= 0, got {self.min_length}")
+
+
+@dataclasses.dataclass
+class Hypothesis:
+    tokens: list[int]  # target ids without BOS/EOS (a target prefix, if given, included)
+    score: float  # length-normalised log-probability
+    alignment: list[list[float]] | None = None  # per target token (and EOS): weights over source positions
+    text: str = ""
+
+
 def session_options(threads: int = 0) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
     options.log_severity_level = 3  # onnxruntime's per-node warnings are noise for users
     return options
 
@@ -47,17 +80,26 @@ class Engine:
         options = session_options(threads)
         self.encoder = ort.InferenceSession(str(bundle.graph_path(precision, "encoder")), options, providers=providers)
         self.step = ort.InferenceSession(str(bundle.graph_path(precision, "decoder_step")), options, providers=providers)
-        log.info("%s %s on %s", bundle.path, precision, self.step.get_providers()[0])
+        self.provider = self.step.get_providers()[0]
+        log.info("loaded %s (%s) on %s", bundle.path, precision, self.provider)
         self.tokenizer = spm.SentencePieceProcessor(model_file=str(bundle.tokenizer_path))
         state = manifest["state"]
         self.static = [t["name"] for t in state["static"]]
         self.dynamic = state["dynamic"]
+        self.dynamic_names = [t["name"] for t in self.dynamic]
         self.dynamic_from_encoder = state["dynamic_from_encoder"]
         self.encoder_outputs = [o.name for o in self.encoder.get_outputs()]
         ids = manifest["special_ids"]
         self.pad, self.bos, self.eos = ids["pad"], ids["bos"], ids["eos"]
         self.max_len = manifest["max_len"]
-        self.max_len_a, self.max_len_b = manifest["decoding"]["max_len_a"], manifest["decoding"]["max_len_b"]
+        self.default_max_len_a = manifest["decoding"]["max_len_a"]
+        self.default_max_len_b = manifest["decoding"]["max_len_b"]
+
+    def warm_up(self) -> None:
+        """One short translation so that the first request does not pay for allocations."""
+        self.translate_ids([[self.eos]], TranslationOptions(beam_size=2, max_len_a=0, max_len_b=2))
+
+    # -- state -------------------------------------------------------------------------------
 
     def _initial_state(self, src: np.ndarray) -> dict[str, np.ndarray]:
         state = dict(zip(self.encoder_outputs, self.encoder.run(None, {"src": src})))
@@ -67,49 +109,169 @@ class Engine:
                 state[tensor["name"]] = np.zeros(shape, dtype=tensor["dtype"])
         return state
 
-    def greedy(self, src: np.ndarray) -> list[list[int]]:
-        """src (B, S) int64, PAD-padded, each row ending in EOS -> token ids without EOS."""
+    def _run_step(self, prev: np.ndarray, state: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """One decoder step; updates the dynamic state in place, returns log-probs and alignment."""
+        feed = {"prev": prev, **{name: state[name] for name in self.static},
+                **{name: state[name] for name in self.dynamic_names}}
+        log_probs, alignment, *new = self.step.run(None, feed)
+        state.update(zip(self.dynamic_names, new))
+        return log_probs, alignment
+
+    def _limits(self, src: np.ndarray, opts: TranslationOptions) -> np.ndarray:
+        """Per-sentence max target length, computed as model/decode.py does (float32, truncated)."""
+        a = self.default_max_len_a if opts.max_len_a is None else opts.max_len_a
+        b = self.default_max_len_b if opts.max_len_b is None else opts.max_len_b
+        lengths = (src != self.pad).sum(1).astype(np.float32)
+        return np.minimum((np.float32(a) * lengths + np.float32(b)).astype(np.int64), self.max_len - 1)
+
+    @staticmethod
+    def _normalise(score: np.ndarray, length: np.ndarray, alpha: float) -> np.ndarray:
+        return score / (((5.0 + length) / 6.0) ** alpha) if alpha else score
+
+    # -- search ------------------------------------------------------------------------------
+
+    def greedy(self, src: np.ndarray, opts: TranslationOptions) -> list[list[Hypothesis]]:
+        """src (B, S) int64, PAD-padded, rows ending in EOS. Finished rows leave the batch."""
         B = src.shape[0]
         state = self._initial_state(src)
-        # Per-sentence length limit, computed as model/decode.py does (float32, truncated).
-        lengths = (src != self.pad).sum(1).astype(np.float32)
-        limits = np.minimum((np.float32(self.max_len_a) * lengths + np.float32(self.max_len_b)).astype(np.int64), self.max_len - 1)
+        limits = self._limits(src, opts)
+        rows = np.arange(B)  # original row of each active row
         prev = np.full(B, self.bos, dtype=np.int64)
-        finished = np.zeros(B, dtype=bool)
-        out = []
+        tokens: list[list[int]] = [[] for _ in range(B)]
+        scores = np.zeros(B, dtype=np.float32)
+        alignments: list[list[list[float]]] = [[] for _ in range(B)]
         for step in range(int(limits.max())):
-            feed = {"prev": prev, **{n: state[n] for n in self.static}, **{t["name"]: state[t["name"]] for t in self.dynamic}}
-            results = self.step.run(None, feed)
-            for tensor, value in zip(self.dynamic, results[2:]):
-                state[tensor["name"]] = value
-            prev = np.where(finished, self.pad, results[0].argmax(-1)).astype(np.int64)
-            out.append(prev)
-            finished |= (prev == self.eos) | (limits <= step + 1)
-            if finished.all():
+            log_probs, alignment = self._run_step(prev, state)
+            if step < opts.min_length:
+                log_probs[:, self.eos] = -np.inf
+            prev = log_probs.argmax(-1).astype(np.int64)
+            scores[rows] += log_probs[np.arange(len(rows)), prev]
+            for i, row in enumerate(rows.tolist()):
+                tokens[row].append(int(prev[i]))
+                if opts.return_alignment:
+                    alignments[row].append(alignment[i].tolist())
+            done = (prev == self.eos) | (limits[rows] <= step + 1)
+            if done.all():
                 break
-        tokens = np.stack(out, 1) if out else np.zeros((B, 0), np.int64)
+            if done.any():
+                keep = np.flatnonzero(~done)
+                rows, prev = rows[keep], prev[keep]
+                state = {name: value[keep] for name, value in state.items()}
+        results = []
+        for row in range(B):
+            ids = tokens[row]
+            length = len(ids)
+            score = float(self._normalise(scores[row], np.float32(length), opts.length_penalty))
+            body = ids[:-1] if ids and ids[-1] == self.eos else ids
+            results.append([Hypothesis(body, score, alignments[row] if opts.return_alignment else None)])
+        return results
+
+    def beam_search(self, src: np.ndarray, opts: TranslationOptions) -> list[list[Hypothesis]]:
+        """Beam search; a sentence leaves the batch when all of its beams have finished."""
+        B, K = src.shape[0], opts.beam_size
+        state = self._initial_state(src)
+        state = {name: np.repeat(value, K, axis=0) for name, value in state.items()}  # (B*K, ...)
+        limits = self._limits(src, opts)
+        sentences = np.arange(B)  # original sentence of each active sentence
+        prev = np.full(B * K, self.bos, dtype=np.int64)
+        scores = np.full((B, K), -np.inf, dtype=np.float32)
+        scores[:, 0] = 0.0  # only the first beam is alive at the start
+        finished = np.zeros(B * K, dtype=bool)
+        length = np.zeros(B * K, dtype=np.float32)
+        history = np.zeros((B * K, 0), dtype=np.int64)
+        attention_history: list[np.ndarray] = []  # per step (B*K, S), rows follow the beams
+        results: list[list[Hypothesis]] = [[] for _ in range(B)]
+        for step in range(int(limits.max())):
+            n = len(sentences)
+            log_probs, alignment = self._run_step(prev, state)
+            V = log_probs.shape[-1]
+            if step < opts.min_length:
+                log_probs[:, self.eos] = -np.inf
+            # A finished hypothesis can only be extended by PAD, at no cost.
+            log_probs[finished] = -np.inf
+            log_probs[finished, self.pad] = 0.0
+            candidates = (scores.reshape(n * K, 1) + log_probs).reshape(n, K * V)
+            # The K best per sentence, best first; ties go to the lower index, as torch.topk.
+            top = np.argpartition(-candidates, K - 1, axis=1)[:, :K]
+            order = np.lexsort((top, -np.take_along_axis(candidates, top, 1)), axis=1)
+            flat = np.take_along_axis(top, order, 1)  # (n, K)
+            scores = np.take_along_axis(candidates, flat, 1)
+            origin = (flat // V + np.arange(n)[:, None] * K).reshape(-1)  # (n*K,)
+            prev = (flat % V).reshape(-1).astype(np.int64)
+            for name in self.dynamic_names:
+                state[name] = state[name][origin]
+            history = np.concatenate([history[origin], prev[:, None]], axis=1)
+            if opts.return_alignment:
+                attention_history = [a[origin] for a in attention_history] + [alignment[origin]]
+            length = length[origin] + (~finished[origin]).astype(np.float32)
+            row_limits = np.repeat(limits[sentences], K)
+            finished = finished[origin] | (prev == self.eos) | (row_limits <= step + 1)
+            done = finished.reshape(n, K).all(1)
+            last_step = step + 1 == int(limits.max())
+            if done.any() or last_step:
+                for i in np.flatnonzero(done | last_step):
+                    results[sentences[i]] = self._nbest(i, K, scores[i], length, history, attention_history, opts)
+                if done.all() or last_step:
+                    break
+                keep = np.flatnonzero(~done)
+                rows = (keep[:, None] * K + np.arange(K)).reshape(-1)
+                sentences, scores = sentences[keep], scores[keep]
+                prev, finished, length, history = prev[rows], finished[rows], length[rows], history[rows]
+                attention_history = [a[rows] for a in attention_history]
+                state = {name: value[rows] for name, value in state.items()}
+        return results
+
+    def _nbest(self, i: int, K: int, scores: np.ndarray, length: np.ndarray, history: np.ndarray,
+               attention_history: list[np.ndarray], opts: TranslationOptions) -> list[Hypothesis]:
+        rows = i * K + np.arange(K)
+        normalised = self._normalise(scores, length[rows], opts.length_penalty)
         hyps = []
-        for row in tokens.tolist():
-            end = row.index(self.eos) if self.eos in row else len(row)
-            hyps.append([t for t in row[:end] if t != self.pad])
+        for k in np.argsort(-normalised, kind="stable")[: opts.nbest]:
+            ids = history[rows[k]].tolist()
+            end = ids.index(self.eos) if self.eos in ids else len(ids)
+            alignment = None
+            if opts.return_alignment:
+                steps = min(end + 1, len(attention_history))
+                alignment = [attention_history[t][rows[k]].tolist() for t in range(steps)]
+            hyps.append(Hypothesis([t for t in ids[:end] if t != self.pad], float(normalised[k]), alignment))
         return hyps
+
+    # -- batching and text -------------------------------------------------------------------
+
+    def translate_ids(self, sources: Sequence[list[int]], opts: TranslationOptions | None = None,
+                      max_batch_tokens: int = 4096, max_batch_sentences: int = 64) -> list[list[Hypothesis]]:
+        """Sources (ids ending in EOS) in length-sorted batches of at most max_batch_tokens padded
+        source tokens; results in input order."""
+        opts = opts or TranslationOptions()
+        opts.validate()
+        search = self.greedy if opts.beam_size == 1 and opts.nbest == 1 else self.beam_search
+        order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
+        results: list[list[Hypothesis]] = [[] for _ in sources]
+        start = 0
+        while start < len(order):
+            end = start + 1
+            while (end < len(order) and end - start < max_batch_sentences
+                   and len(sources[order[end]]) * (end - start + 1) * opts.beam_size <= max_batch_tokens):
+                end += 1
+            batch = order[start:end]
+            src = np.full((len(batch), len(sources[batch[-1]])), self.pad, dtype=np.int64)
+            for row, i in enumerate(batch):
+                src[row, : len(sources[i])] = sources[i]
+            for i, hyps in zip(batch, search(src, opts)):
+                results[i] = hyps
+            start = end
+        return results
 
     def encode_texts(self, texts: Sequence[str]) -> list[list[int]]:
         return [ids[: self.max_len - 1] + [self.eos] for ids in self.tokenizer.encode(list(texts))]
 
-    def greedy_ids(self, sources: Sequence[list[int]], batch_size: int = 32) -> list[list[int]]:
-        """Length-sorted batches, results in input order."""
-        order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
-        results: list[list[int]] = [[] for _ in sources]
-        for start in range(0, len(order), batch_size):
-            batch = order[start : start + batch_size]
-            width = max(len(sources[i]) for i in batch)
-            src = np.full((len(batch), width), self.pad, dtype=np.int64)
-            for row, i in enumerate(batch):
-                src[row, : len(sources[i])] = sources[i]
-            for i, hyp in zip(batch, self.greedy(src)):
-                results[i] = hyp
+    def translate(self, texts: Sequence[str], opts: TranslationOptions | None = None, **batching) -> list[list[Hypothesis]]:
+        results = self.translate_ids(self.encode_texts(texts), opts, **batching)
+        for hyps in results:
+            for hyp, text in zip(hyps, self.tokenizer.decode([h.tokens for h in hyps])):
+                hyp.text = text
         return results
 
-    def translate(self, texts: Sequence[str], batch_size: int = 32) -> list[str]:
-        return self.tokenizer.decode(self.greedy_ids(self.encode_texts(texts), batch_size))
+    def translate_text(self, texts: Sequence[str], opts: TranslationOptions | None = None) -> list[str]:
+        """Best translation of each text."""
+        return [hyps[0].text for hyps in self.translate(texts, opts)]

@@ -4,7 +4,6 @@ torch, a verified bundle, and refusal of tampered bundles and bad checkpoints.""
 from __future__ import annotations
 
 import json
-import random
 import shutil
 from pathlib import Path
 
@@ -14,38 +13,10 @@ import pytest
 from attnserve.cli import main
 from export.exporter import export_bundle
 from model.checkpoint import load_model
-from model.config import Config
-from model.corpus import write_tsv
 from model.evaluate import translate_best
-from model.train import run_training
 from server.bundle import BundleError, load_bundle
 from server.engine import Engine
-from tests.test_training import toy_config, toy_pair
-
-ARCHITECTURES = {
-    "transformer": dict(arch="transformer"),
-    "bahdanau": dict(arch="rnn", decoder="bahdanau", attention="global", score="additive"),
-    "luong": dict(arch="rnn", decoder="luong", attention="global", score="general", cell="lstm"),
-    "luong-local": dict(arch="rnn", decoder="luong", attention="local", score="concat", window=3),
-}
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("export")
-    rng = random.Random(0)
-    corpus = root / "corpus"
-    corpus.mkdir()
-    write_tsv(corpus / "train.tsv", [toy_pair(rng) for _ in range(400)])
-    write_tsv(corpus / "dev.tsv", [toy_pair(rng) for _ in range(40)])
-    write_tsv(corpus / "test.tsv", [toy_pair(rng) for _ in range(40)])
-    runs = {}
-    for name, model in ARCHITECTURES.items():
-        config: Config = toy_config(corpus, root / name, **model)
-        config.train.max_steps = 150
-        run_training(config)
-        runs[name] = root / name
-    return runs
+from tests.conftest import ARCHITECTURES
 
 
 @pytest.mark.parametrize("name", list(ARCHITECTURES))
@@ -62,7 +33,7 @@ def test_export_matches_torch(trained: dict[str, Path], tmp_path: Path, name: st
     engine = Engine(bundle, "fp32", device="cpu")
     model, tokenizer, _ = load_model(trained[name])
     sources = ["the red cat sees the dog", "the old house has the big green car"]
-    assert engine.translate(sources) == translate_best(model, tokenizer, sources)
+    assert engine.translate_text(sources) == translate_best(model, tokenizer, sources)
 
 
 def test_transformer_attention_is_fused_in_every_precision(trained: dict[str, Path], tmp_path: Path) -> None:

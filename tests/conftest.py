@@ -1,0 +1,51 @@
+"""Shared fixtures: small models trained once per test session on the toy task."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from model.corpus import write_tsv
+from model.train import run_training
+from tests.test_training import toy_config, toy_pair
+
+ARCHITECTURES = {
+    "transformer": dict(arch="transformer"),
+    "bahdanau": dict(arch="rnn", decoder="bahdanau", attention="global", score="additive"),
+    "luong": dict(arch="rnn", decoder="luong", attention="global", score="general", cell="lstm"),
+    "luong-local": dict(arch="rnn", decoder="luong", attention="local", score="concat", window=3),
+}
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory) -> dict[str, Path]:
+    """Run directories of every architecture, trained 150 steps on the toy corpus."""
+    root = tmp_path_factory.mktemp("trained")
+    rng = random.Random(0)
+    corpus = root / "corpus"
+    corpus.mkdir()
+    write_tsv(corpus / "train.tsv", [toy_pair(rng) for _ in range(400)])
+    write_tsv(corpus / "dev.tsv", [toy_pair(rng) for _ in range(40)])
+    write_tsv(corpus / "test.tsv", [toy_pair(rng) for _ in range(40)])
+    runs = {}
+    for name, model in ARCHITECTURES.items():
+        config = toy_config(corpus, root / name, **model)
+        config.train.max_steps = 150
+        run_training(config)
+        runs[name] = root / name
+    return runs
+
+
+@pytest.fixture(scope="session")
+def bundles(trained: dict[str, Path], tmp_path_factory) -> dict[str, Path]:
+    """fp32 bundles of the trained toy models."""
+    from export.exporter import export_bundle
+
+    repo = tmp_path_factory.mktemp("repo")
+    out = {}
+    for name, run in trained.items():
+        out[name] = repo / name / "1"
+        export_bundle(run, out[name], precisions=("fp32",))
+    return out

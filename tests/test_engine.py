@@ -1,0 +1,84 @@
+"""The onnxruntime engine against the torch reference: identical tokens for greedy and beam
+search on every architecture, n-best, alignments, options and their refusal."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from model.checkpoint import load_model
+from model.corpus import load_tsv
+from model.decode import DecodeOptions
+from model.evaluate import translate_texts
+from server.bundle import load_bundle
+from server.engine import Engine, TranslationOptions
+from tests.conftest import ARCHITECTURES
+
+
+def dev_sources(run: Path) -> list[str]:
+    from model.checkpoint import read_config
+
+    return [s for s, _ in load_tsv(Path(read_config(run).train.data_dir) / "dev.tsv")]
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+@pytest.mark.parametrize("beam, nbest, alpha", [(1, 1, 1.0), (4, 1, 1.0), (3, 3, 0.0)])
+def test_engine_matches_torch_reference(trained, bundles, name: str, beam: int, nbest: int, alpha: float) -> None:
+    model, tokenizer, _ = load_model(trained[name])
+    engine = Engine(load_bundle(bundles[name]), "fp32", device="cpu")
+    sources = dev_sources(trained[name])
+    reference = translate_texts(model, tokenizer, sources, DecodeOptions(beam_size=beam, nbest=nbest, length_penalty=alpha))
+    # Small batches so that sentences finish and leave at different times.
+    results = engine.translate(sources, TranslationOptions(beam_size=beam, nbest=nbest, length_penalty=alpha),
+                               max_batch_sentences=7)
+    assert len(results) == len(sources)
+    for ref_hyps, hyps in zip(reference, results):
+        assert [h.tokens for h in hyps] == [h.tokens for h in ref_hyps]
+        assert [h.score for h in hyps] == pytest.approx([h.score for h in ref_hyps], abs=1e-3)
+        assert hyps[0].text == tokenizer.decode([ref_hyps[0].tokens])[0]
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_alignments_match_torch(trained, bundles, beam: int) -> None:
+    model, tokenizer, _ = load_model(trained["transformer"])
+    engine = Engine(load_bundle(bundles["transformer"]), "fp32", device="cpu")
+    sources = dev_sources(trained["transformer"])[:6]
+    reference = translate_texts(model, tokenizer, sources, DecodeOptions(beam_size=beam, return_attention=True))
+    results = engine.translate(sources, TranslationOptions(beam_size=beam, return_alignment=True))
+    for ref, hyp, src in zip(reference, results, engine.encode_texts(sources)):
+        alignment = hyp[0].alignment
+        assert len(alignment) == len(ref[0].attention)
+        for row, ref_row in zip(alignment, ref[0].attention):
+            assert len(row) >= len(src)  # padded to the batch's longest source
+            assert row[: len(src)] == pytest.approx(ref_row[: len(src)], abs=1e-4)
+            assert sum(row) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_options_min_and_max_length(bundles) -> None:
+    engine = Engine(load_bundle(bundles["bahdanau"]), "fp32", device="cpu")
+    engine.warm_up()
+    sources = ["the cat sees the dog", "the old red car has the big green book"]
+    short = engine.translate(sources, TranslationOptions(max_len_a=0, max_len_b=3))
+    assert all(len(h[0].tokens) <= 3 for h in short)
+    for beam in (1, 2):
+        long = engine.translate(sources, TranslationOptions(beam_size=beam, min_length=12, max_len_a=0, max_len_b=20))
+        assert all(len(h[0].tokens) >= 12 for h in long)
+
+
+@pytest.mark.parametrize("options, message", [
+    (TranslationOptions(beam_size=0), "beam_size"),
+    (TranslationOptions(beam_size=2, nbest=3), "nbest"),
+    (TranslationOptions(min_length=-1), "min_length"),
+])
+def test_bad_options_are_refused(bundles, options: TranslationOptions, message: str) -> None:
+    engine = Engine(load_bundle(bundles["transformer"]), "fp32", device="cpu")
+    with pytest.raises(ValueError, match=message):
+        engine.translate(["the cat"], options)
+
+
+def test_empty_and_unknown_input(bundles) -> None:
+    engine = Engine(load_bundle(bundles["transformer"]), "fp32", device="cpu")
+    out = engine.translate(["", "ᚠᚢᚦᚨᚱᚲ ☃ 🐈"], TranslationOptions(beam_size=2))
+    assert len(out) == 2 and all(isinstance(h[0].text, str) for h in out)
+    assert engine.translate([]) == []
