@@ -110,6 +110,26 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _translate(args: argparse.Namespace) -> int:
+    from server.batch import BatchError, BatchTranslator, parse_shard
+    from server.bundle import BundleError, load_bundle
+    from server.engine import Engine, TranslationOptions
+
+    try:
+        shard = parse_shard(args.shard)
+        engine = Engine(load_bundle(args.model), args.precision, args.device, args.threads)
+        options = TranslationOptions(beam_size=args.beam, length_penalty=args.length_penalty)
+        options.validate()
+        jsonl = args.format == "jsonl" or (args.format == "auto" and Path(args.input).suffix == ".jsonl")
+        translator = BatchTranslator(engine, options, jsonl, args.long, args.chunk_lines)
+        summary = translator.run(Path(args.input), Path(args.output), shard, progress=not args.quiet)
+    except (BatchError, BundleError, ValueError) as exc:
+        log.error("%s", exc)
+        return 2
+    print(summary.describe())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attnserve", description="Attention-based machine translation.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -164,6 +184,23 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--summary", dest="summary_only", action="store_true",
                     help="print node types and validation results of an existing bundle")
     ex.set_defaults(func=_export)
+
+    tr = sub.add_parser("translate", help="translate a file offline (resumable, shardable)")
+    tr.add_argument("input", help="plain text (one sentence a line) or JSONL ({\"text\": ...} a line)")
+    tr.add_argument("-o", "--output", required=True, help="output file; OUTPUT.partial while running")
+    tr.add_argument("--model", required=True, help="model bundle directory (REPO/NAME/VERSION)")
+    tr.add_argument("--precision", default="fp32", help="fp32, int8 (CPU) or fp16 (CUDA), as the bundle has them")
+    tr.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    tr.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all cores)")
+    tr.add_argument("--beam", type=int, default=4)
+    tr.add_argument("--length-penalty", type=float, default=1.0)
+    tr.add_argument("--shard", default="0/1", help="I/N: translate the I-th of N contiguous slices")
+    tr.add_argument("--format", default="auto", choices=["auto", "text", "jsonl"], help="auto: jsonl for *.jsonl")
+    tr.add_argument("--long", default="truncate", choices=["truncate", "report"],
+                    help="over-long lines: translate the truncated source, or report them and leave the line empty")
+    tr.add_argument("--chunk-lines", type=int, default=512, help="lines translated and fsynced together")
+    tr.add_argument("--quiet", action="store_true", help="no progress bar")
+    tr.set_defaults(func=_translate)
     return parser
 
 
