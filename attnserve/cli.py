@@ -201,10 +201,18 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--chunk-lines", type=int, default=512, help="lines translated and fsynced together")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
     tr.set_defaults(func=_translate)
+
+    sub.add_parser("bench", help="side-by-side decoding benchmark (torch, onnxruntime, CTranslate2); see bench --help",
+                   add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # the benchmark has its own parser (it re-invokes itself per run)
+        from bench.benchmark import main as bench_main
+
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -1,32 +1,42 @@
-"""CTranslate2 backend for a trained Transformer run, for benchmarking against our own engines.
+"""CTranslate2 backend for a trained Transformer run, to benchmark against our own engines.
 
-The model directory is built here with CTranslate2's `TransformerSpec` API from our state dict,
-not through an OpenNMT-py/fairseq converter: our checkpoints are neither, and building the spec
-ourselves is the only way to be sure that CTranslate2 decodes with exactly our weights and
-architecture. The choices that parity depends on, each checked against CTranslate2 4.8 source:
+The CTranslate2 model is built with its `TransformerSpec` API straight from our state dict,
+not through the OpenNMT-py or fairseq converters: our checkpoints are neither, and filling the
+spec ourselves is how we know that CTranslate2 decodes with exactly our weights. The choices
+parity depends on, each checked against the CTranslate2 4.8 sources:
 
-    positions       CT2's built-in sinusoids are [sin | cos] concatenated, with timescale
-                    log(10000) / (d/2 - 1) and positions from 1; ours are Vaswani's interleaved
-                    sin/cos from position 0. So our `pe` buffer is stored as explicit encodings.
-    embeddings      one matrix for encoder input, decoder input and output projection (no bias);
-                    CT2 scales inputs by sqrt(d_model) like we do (`scale_embeddings`).
-    activation      Activation.GELU is the exact erf GELU (torch's F.gelu default), not GELUTanh.
-    layer norm      pre-norm with a final norm on both stacks; epsilon copied from the model.
+    positions       CT2's built-in sinusoids are [sin | cos] concatenated, with timescales
+                    log(10000) / (d/2 - 1) and positions counted from 1; ours are Vaswani's
+                    interleaved sin/cos from position 0. So our `pe` buffer is stored as the
+                    explicit position encodings of both stacks.
+    embeddings      one matrix for encoder input, decoder input and the output projection (no
+                    bias); CT2 scales inputs by sqrt(d_model) as we do (`scale_embeddings`).
+    activation      Activation.GELU is the exact erf GELU of torch's F.gelu, not GELUTanh.
+    layer norm      pre-norm, with a final norm on both stacks; epsilon copied from the model.
     special tokens  decoding starts from "<s>" and stops at "</s>"; CT2 adds nothing to the
-                    source: translate() appends EOS itself, exactly as model/evaluate.py does.
-    min length      CT2 forbids EOS at the first step by default (min_decoding_length=1); our
-                    decoder does not, so translate() passes min_decoding_length=0.
-    length limit    CT2 takes one max_decoding_length per call while ours is per sentence
-                    (a * source length + b, capped at max_len - 1), so translate() decodes each
-                    group of sentences that share a limit in its own call: exact, at the cost
+                    source (add_source_bos/eos off): `translate` appends EOS itself, exactly as
+                    model/evaluate.py does.
+    min length      CT2 forbids EOS at the first step unless min_decoding_length=0; ours allows it.
+    length limit    CT2 takes one max_decoding_length per call, ours is per sentence
+                    (int(a * source length + b), capped at max_len - 1), so `translate` decodes
+                    each group of sentences sharing a limit in its own call: exact, at the cost
                     of smaller batches.
+    length penalty  CT2 divides by length ** alpha; ours by the GNMT ((5 + length) / 6) ** alpha,
+                    when ranking final hypotheses only. So CT2 is asked for raw log-probabilities
+                    (length_penalty=0) and `translate` applies ours.
 
-What no CTranslate2 option can make identical is beam search (see `translate`).
+Beam search stays different by construction: CT2 replaces a finished hypothesis by the next
+live candidate and, without a length penalty, stops once its best candidate has finished;
+ours keeps finished hypotheses in the beam and stops when all of them have finished. Greedy
+decoding has no such freedom and is token-for-token identical in float32.
+
+    python -m bench.ct2 runs/transformer --sentences 200    # parity report
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import tempfile
 from collections import defaultdict
@@ -34,19 +44,22 @@ from pathlib import Path
 
 import ctranslate2
 import numpy as np
-from ctranslate2.specs import common_spec, transformer_spec
+import torch
+from ctranslate2.specs import attention_spec, common_spec, transformer_spec
 
 from model.checkpoint import load_model
+from model.corpus import load_tsv
 from model.decode import DecodeOptions, Hypothesis
-from model.tokenizer import BOS_ID, EOS_ID, UNK_ID
+from model.evaluate import translate_texts
+from model.tokenizer import BOS_ID, EOS_ID, UNK_ID, Tokenizer
 from model.transformer import Transformer
 
 log = logging.getLogger(__name__)
 
 
 class _Weights:
-    """Our state dict as float32 numpy arrays, handed out once each: a weight that no spec
-    variable takes means the spec does not describe our model, and conversion fails."""
+    """Our state dict as float32 numpy arrays. Every name taken is recorded: a weight that no
+    spec variable took means the spec does not describe our model, and conversion fails."""
 
     def __init__(self, model: Transformer):
         self.arrays = {name: t.detach().cpu().float().numpy() for name, t in model.state_dict().items()}
@@ -63,8 +76,8 @@ class _Weights:
 
 
 def _set_linear(spec: common_spec.LinearSpec, weights: _Weights, *modules: str) -> None:
-    """One CT2 linear from one or more nn.Linear, fused along the output dimension (CT2 keeps
-    q/k/v of self-attention as one matrix, and k/v of cross-attention as another)."""
+    """One CT2 linear from one or more nn.Linear, stacked along the output dimension: CT2 keeps
+    self-attention q/k/v as one matrix, and cross-attention k/v as another."""
     spec.weight = np.concatenate([weights(f"{m}.weight") for m in modules])
     spec.bias = np.concatenate([weights(f"{m}.bias") for m in modules])
 
@@ -80,14 +93,14 @@ def _set_ffn(spec: transformer_spec.FeedForwardSpec, weights: _Weights, layer: s
     _set_linear(spec.linear_1, weights, f"{layer}.ff.fc2")
 
 
-def _set_self_attention(spec, weights: _Weights, layer: str) -> None:
+def _set_self_attention(spec: attention_spec.MultiHeadAttentionSpec, weights: _Weights, layer: str) -> None:
     attn = f"{layer}.self_attn"
     _set_layer_norm(spec.layer_norm, weights, f"{layer}.ln1")
     _set_linear(spec.linear[0], weights, f"{attn}.q_proj", f"{attn}.k_proj", f"{attn}.v_proj")
     _set_linear(spec.linear[1], weights, f"{attn}.out_proj")
 
 
-def _set_cross_attention(spec, weights: _Weights, layer: str) -> None:
+def _set_cross_attention(spec: attention_spec.MultiHeadAttentionSpec, weights: _Weights, layer: str) -> None:
     attn = f"{layer}.cross_attn"
     _set_layer_norm(spec.layer_norm, weights, f"{layer}.ln2")
     _set_linear(spec.linear[0], weights, f"{attn}.q_proj")
@@ -97,12 +110,12 @@ def _set_cross_attention(spec, weights: _Weights, layer: str) -> None:
 
 def build_spec(model: Transformer, vocab: list[str]) -> transformer_spec.TransformerSpec:
     """A validated TransformerSpec holding `model`'s weights, with `vocab` (piece i = id i) as
-    source and target vocabulary."""
+    both source and target vocabulary."""
     cfg = model.config
     if len(vocab) != cfg.vocab_size:
         raise ValueError(f"vocabulary has {len(vocab)} pieces, the model {cfg.vocab_size} embeddings")
     if len(set(vocab)) != len(vocab):
-        raise ValueError("vocabulary pieces are not unique: CTranslate2 maps tokens to ids by string")
+        raise ValueError("vocabulary pieces are not unique, but CTranslate2 maps tokens to ids by string")
     spec = transformer_spec.TransformerSpec.from_config(
         (cfg.enc_layers, cfg.dec_layers),
         cfg.n_heads,
@@ -120,7 +133,7 @@ def build_spec(model: Transformer, vocab: list[str]) -> transformer_spec.Transfo
 
     weights = _Weights(model)
     embedding = weights("embedding.weight")
-    positions = model.positions.pe.detach().cpu().float().numpy()  # a buffer outside the state dict
+    positions = model.positions.pe.detach().cpu().float().numpy()  # a buffer, not in the state dict
 
     spec.encoder.embeddings[0].weight = embedding
     spec.encoder.position_encodings.encodings = positions
@@ -131,7 +144,7 @@ def build_spec(model: Transformer, vocab: list[str]) -> transformer_spec.Transfo
 
     spec.decoder.embeddings.weight = embedding
     spec.decoder.position_encodings.encodings = positions
-    spec.decoder.projection.weight = embedding  # tied output projection, no bias
+    spec.decoder.projection.weight = embedding  # tied output projection, without bias
     _set_layer_norm(spec.decoder.layer_norm, weights, "decoder_norm")
     for i, layer in enumerate(spec.decoder.layer):
         _set_self_attention(layer.self_attention, weights, f"decoder_layers.{i}")
@@ -145,36 +158,45 @@ def build_spec(model: Transformer, vocab: list[str]) -> transformer_spec.Transfo
     return spec
 
 
-def convert(run_dir: Path, out_dir: Path, quantization: str | None = None) -> Path:
-    """Build a ctranslate2 TransformerSpec with our weights and save it to out_dir (model.bin +
-    vocabularies), overwriting a model already there.
+def pieces(tokenizer: Tokenizer) -> list[str]:
+    """The SentencePiece pieces in id order: the token strings CTranslate2 works with."""
+    return [tokenizer.sp.id_to_piece(i) for i in range(tokenizer.vocab_size)]
+
+
+def save_model(model: Transformer, vocab: list[str], out_dir: Path, quantization: str | None = None) -> Path:
+    """Write `model` as a CTranslate2 model directory, replacing the files of one already there.
 
     quantization is CT2's weight type (int8, int8_float32, float16, ...); None keeps float32.
-    The three uses of the shared embedding are stored once (CT2 aliases equal variables)."""
-    model, tokenizer, config = load_model(run_dir, "best")
-    if not isinstance(model, Transformer):
-        raise ValueError(f"{run_dir} is a {config.model.arch} run; CTranslate2 conversion needs a transformer")
-    vocab = [tokenizer.sp.id_to_piece(i) for i in range(tokenizer.vocab_size)]
+    The three uses of the shared embedding are stored once: CT2 aliases equal variables."""
     spec = build_spec(model, vocab)
     spec.optimize(quantization=quantization)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     spec.save(str(out_dir))
-    log.info("%s converted to %s (%s)", run_dir, out_dir, quantization or "float32")
+    log.info("CTranslate2 model (%s weights) written to %s", quantization or "float32", out_dir)
     return out_dir
 
 
-def read_vocabulary(model_dir: Path) -> list[str]:
-    """The pieces of a converted model, in id order."""
-    import json
+def convert(run_dir: Path, out_dir: Path, quantization: str | None = None) -> Path:
+    """Build a ctranslate2 TransformerSpec with our weights and save it to out_dir (model.bin +
+    vocabularies). Converts the run's best checkpoint."""
+    model, tokenizer, config = load_model(run_dir, "best")
+    if not isinstance(model, Transformer):
+        raise ValueError(f"{run_dir} is a {config.model.arch} run; CTranslate2 conversion needs a transformer")
+    return save_model(model, pieces(tokenizer), out_dir, quantization)
 
+
+def read_vocabulary(model_dir: Path) -> list[str]:
+    """The token strings of a converted model, in id order (the `vocab` of `translate`)."""
     return json.loads((Path(model_dir) / "shared_vocabulary.json").read_text(encoding="utf-8"))
 
 
 def load_translator(
     model_dir: Path, device: str = "cpu", compute_type: str = "float32", intra_threads: int = 0
 ) -> ctranslate2.Translator:
-    """A Translator on one worker (inter_threads=1); intra_threads=0 lets CT2 pick."""
+    """A Translator with one worker (inter_threads=1) of intra_threads threads (0: CT2 picks).
+
+    compute_type "float32" runs int8-quantized weights in float32: load those with "int8"."""
     return ctranslate2.Translator(
         str(model_dir), device=device, compute_type=compute_type, inter_threads=1, intra_threads=intra_threads
     )
@@ -192,11 +214,13 @@ def translate(
     max_len_a: float = DecodeOptions.max_len_a,
     max_len_b: int = DecodeOptions.max_len_b,
 ) -> list[Hypothesis]:
-    """Best hypothesis per source (spm ids without EOS), in input order.
+    """The best hypothesis for each source (spm ids without EOS), in input order.
 
-    Sources are cut to max_len - 1 and get EOS appended, as in model/evaluate.py, and each is
-    decoded with our limit int(a * (length + 1) + b) capped at max_len - 1 target tokens.
-    The score is the log-probability normalised with length_penalty as CTranslate2 does it.
+    As in model/evaluate.py and model/decode.py: sources are cut to max_len - 1 tokens and get
+    EOS appended; each sentence may produce int(a * (that length) + b), capped at max_len - 1,
+    target tokens counting EOS; the beam's hypotheses are ranked by log-probability / ((5 +
+    length) / 6) ** length_penalty, length counting EOS, which is also the score returned.
+    max_len is the model's (config.model.max_len): CT2 does not know it.
     """
     ids = [s[: max_len - 1] + [EOS_ID] for s in sources]
     limits = [min(int(max_len_a * len(s) + max_len_b), max_len - 1) for s in ids]
@@ -204,23 +228,29 @@ def translate(
     for i, limit in enumerate(limits):
         groups[limit].append(i)
     index = {piece: i for i, piece in enumerate(vocab)}
-    results: list[Hypothesis | None] = [None] * len(sources)
+    results: dict[int, Hypothesis] = {}
     for limit, members in groups.items():
         outputs = translator.translate_batch(
             [[vocab[t] for t in ids[i]] for i in members],
             max_batch_size=max_batch_size,
             beam_size=beam_size,
-            length_penalty=length_penalty,
-            max_input_length=0,  # already cut to max_len, as our model sees them
+            num_hypotheses=beam_size,  # all finished hypotheses, for our length penalty to rank
+            length_penalty=0.0,  # raw log-probabilities
+            max_input_length=0,  # sources are already cut, as our model sees them
             max_decoding_length=limit,
             min_decoding_length=0,
             end_token=vocab[EOS_ID],
             return_scores=True,
-            sampling_topk=1,
+            sampling_topk=1,  # argmax: no sampling
         )
         for i, output in zip(members, outputs):
-            results[i] = Hypothesis(tokens=[index[p] for p in output.hypotheses[0]], score=output.scores[0])
-    return results
+            candidates = []
+            for tokens, log_prob in zip(output.hypotheses, output.scores):
+                length = min(len(tokens) + 1, limit)  # with EOS, unless the limit cut it off
+                score = log_prob / ((5.0 + length) / 6.0) ** length_penalty if length_penalty else log_prob
+                candidates.append(Hypothesis(tokens=[index[p] for p in tokens], score=score))
+            results[i] = max(candidates, key=lambda h: h.score)
+    return [results[i] for i in range(len(sources))]
 
 
 def translate_ids(
@@ -235,9 +265,86 @@ def translate_ids(
     max_len_a: float = DecodeOptions.max_len_a,
     max_len_b: int = DecodeOptions.max_len_b,
 ) -> list[list[int]]:
-    """Token ids in (spm ids, no EOS), token ids out (without BOS/EOS); see `translate`."""
+    """Token ids in (spm ids without EOS), token ids out (without BOS/EOS); see `translate`."""
     hyps = translate(
         translator, sources, vocab, beam_size, length_penalty, max_batch_size,
         max_len=max_len, max_len_a=max_len_a, max_len_b=max_len_b,
     )
     return [h.tokens for h in hyps]
+
+
+def _compare(reference: list[list[Hypothesis]], hyps: list[Hypothesis]) -> dict[str, float]:
+    """Share of identical token sequences; for those, the largest score difference (it shows
+    whether the logits agree, not just the argmaxes); for the others, how many CT2 outputs
+    score higher under our own scoring and how many lower (in float32 beam search, CT2 higher
+    means its search found a better hypothesis than ours, lower that ours found one it missed)."""
+    same = [ref[0].tokens == hyp.tokens for ref, hyp in zip(reference, hyps)]
+    diffs = [abs(ref[0].score - hyp.score) for ref, hyp, s in zip(reference, hyps, same) if s]
+    higher = sum(hyp.score > ref[0].score for ref, hyp, s in zip(reference, hyps, same) if not s)
+    return {
+        "identical": sum(same) / len(same),
+        "max_score_diff_identical": max(diffs, default=0.0),
+        "differing_ct2_scores_higher": higher,
+        "differing_ct2_scores_lower": len(same) - sum(same) - higher,
+    }
+
+
+def check_parity(
+    run_dir: Path,
+    sentences: list[str],
+    beam_size: int = 4,
+    length_penalty: float = DecodeOptions.length_penalty,
+    intra_threads: int = 1,
+) -> dict[str, dict[str, float]]:
+    """CTranslate2 against our torch decoder on `sentences`, with the run's best checkpoint:
+    float32 greedy, float32 beam search and int8 greedy.
+
+    The checkpoint is loaded once and that in-memory model is both the torch reference and
+    the source of both conversions, so a checkpoint replaced meanwhile cannot skew the result."""
+    model, tokenizer, config = load_model(run_dir, "best")
+    if not isinstance(model, Transformer):
+        raise ValueError(f"{run_dir} is a {config.model.arch} run; CTranslate2 conversion needs a transformer")
+    vocab = pieces(tokenizer)
+    sources = tokenizer.encode(list(sentences))
+    max_len = config.model.max_len
+    beams = sorted({1, beam_size})
+    references = {
+        beam: translate_texts(model, tokenizer, sentences, DecodeOptions(beam_size=beam, length_penalty=length_penalty))
+        for beam in beams
+    }
+    report: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="ct2-") as tmp:
+        # int8 output is expected to differ somewhat: greedy is enough to say by how much.
+        for quantization, quantized_beams in (("float32", beams), ("int8", [1])):
+            model_dir = save_model(model, vocab, Path(tmp) / quantization, quantization)
+            translator = load_translator(model_dir, compute_type=quantization, intra_threads=intra_threads)
+            for beam in quantized_beams:
+                hyps = translate(translator, sources, vocab, beam, length_penalty, max_len=max_len)
+                name = f"{quantization}_{'greedy' if beam == 1 else f'beam{beam}'}"
+                report[name] = _compare(references[beam], hyps)
+                log.info("%s: %s", name, report[name])
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Token parity of CTranslate2 with the torch decoder.")
+    parser.add_argument("run_dir", type=Path, help="a Transformer training run (its best checkpoint is used)")
+    parser.add_argument("--data", type=Path, default=Path("data/en-fr/dev.tsv"), help="source TAB target lines")
+    parser.add_argument("--sentences", type=int, default=200, help="how many sentences, from the top")
+    parser.add_argument("--beam", type=int, default=4)
+    parser.add_argument("--length-penalty", type=float, default=DecodeOptions.length_penalty)
+    parser.add_argument("--threads", type=int, default=1, help="torch and CTranslate2 threads")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(args.threads)
+    sentences = [source for source, _ in load_tsv(args.data)[: args.sentences]]
+    report = check_parity(args.run_dir, sentences, args.beam, args.length_penalty, args.threads)
+    print(f"ctranslate2 {ctranslate2.__version__}, {len(sentences)} sentences of {args.data}")
+    for name, result in report.items():
+        print(f"{name:16s} identical {result['identical']:7.2%}   max |score diff| where identical "
+              f"{result['max_score_diff_identical']:.2e}   differing: CT2 scores higher "
+              f"{result['differing_ct2_scores_higher']}, lower {result['differing_ct2_scores_lower']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""Side-by-side decoding benchmark on the same weights and the same test sentences.
+
+    torch        the reference: eager torch with its key/value cache, same length-sorted batches
+    onnx-fp32    this project's engine on onnxruntime, fp32 graphs
+    onnx-int8    the same, dynamically quantised int8 graphs
+    ct2-float32  CTranslate2 with the same weights converted through its TransformerSpec API
+    ct2-int8     CTranslate2 int8
+
+Every configuration runs in its own subprocess (so peak memory is its own) on the same
+sentences, sorted by length and cut into batches of B sentences, after a warm-up. The
+orchestrator prints a Markdown table with ratios computed within this one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+ENGINES = ("torch", "onnx-fp32", "onnx-int8", "ct2-float32", "ct2-int8")
+
+
+def _batches(sources: list[list[int]], size: int) -> list[list[int]]:
+    order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
+    return [order[i : i + size] for i in range(0, len(order), size)]
+
+
+def make_decoder(engine: str, run_dir: Path, bundle_dir: Path, workdir: Path, threads: int, beam: int):
+    """A function: list of source id lists (ending in EOS) -> list of target id lists."""
+    if engine == "torch":
+        import torch
+
+        from model.batching import pad
+        from model.checkpoint import load_model
+        from model.decode import DecodeOptions, decode
+
+        torch.set_num_threads(threads)
+        model, _, _ = load_model(run_dir)
+        opts = DecodeOptions(beam_size=beam)
+        return lambda batch: [h[0].tokens for h in decode(model, pad(batch), opts)]
+    if engine.startswith("onnx-"):
+        from server.bundle import load_bundle
+        from server.engine import Engine, TranslationOptions
+
+        onnx_engine = Engine(load_bundle(bundle_dir), engine.split("-")[1], device="cpu", threads=threads)
+        opts = TranslationOptions(beam_size=beam)
+        return lambda batch: [h[0].tokens for h in onnx_engine.translate_ids(
+            batch, opts, max_batch_tokens=1 << 30, max_batch_sentences=len(batch))]
+    if engine.startswith("ct2-"):
+        from bench import ct2
+
+        compute_type = engine.split("-")[1]
+        model_dir = workdir / "ct2-model"
+        if not (model_dir / "model.bin").exists():
+            ct2.convert(run_dir, model_dir)
+        translator = ct2.load_translator(model_dir, compute_type=compute_type, intra_threads=threads)
+        vocab = ct2.vocabulary(run_dir)
+        return lambda batch: ct2.translate_ids(translator, batch, vocab, beam_size=beam, max_batch_size=len(batch))
+    raise ValueError(f"unknown engine {engine!r}; choose from {ENGINES}")
+
+
+def measure(engine: str, run_dir: Path, bundle_dir: Path, split: Path, sentences: int, beam: int, batch: int,
+            threads: int, workdir: Path) -> dict[str, Any]:
+    """Decode the sentences with one engine configuration and time it (in this process)."""
+    import sacrebleu
+    import sentencepiece as spm
+
+    from model.corpus import load_tsv
+
+    rows = load_tsv(split)[:sentences]
+    sp = spm.SentencePieceProcessor(model_file=str(run_dir / "spm.model"))
+    sources = [ids[:255] + [3] for ids in sp.encode([s for s, _ in rows])]
+    decoder = make_decoder(engine, run_dir, bundle_dir, workdir, threads, beam)
+    decoder(sources[:8])  # warm-up: allocations, lazy initialisation
+    outputs: list[list[int]] = [[] for _ in sources]
+    start = time.perf_counter()
+    for group in _batches(sources, batch):
+        for i, tokens in zip(group, decoder([sources[i] for i in group])):
+            outputs[i] = tokens
+    seconds = time.perf_counter() - start
+    hypotheses = sp.decode(outputs)
+    target_tokens = sum(len(t) + 1 for t in outputs)  # with EOS, as every engine generates it
+    return {
+        "engine": engine, "beam": beam, "batch": batch, "sentences": len(rows), "threads": threads,
+        "seconds": round(seconds, 3), "target_tokens": target_tokens,
+        "tokens_per_s": round(target_tokens / seconds, 1), "sentences_per_s": round(len(rows) / seconds, 2),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "bleu": round(sacrebleu.corpus_bleu(hypotheses, [[t for _, t in rows]]).score, 2),
+    }
+
+
+def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
+    results = []
+    for beam in args.beams:
+        for batch in args.batches:
+            for engine in args.engines:
+                command = [sys.executable, "-m", "bench.benchmark", "--one", engine, "--run", str(args.run),
+                           "--bundle", str(args.bundle), "--split", str(args.split), "--sentences", str(args.sentences),
+                           "--beams", str(beam), "--batches", str(batch), "--threads", str(args.threads),
+                           "--workdir", str(args.workdir)]
+                done = subprocess.run(command, capture_output=True, text=True)
+                if done.returncode != 0:
+                    log.error("%s beam %d batch %d failed:\n%s", engine, beam, batch, done.stderr[-2000:])
+                    continue
+                result = json.loads(done.stdout.strip().splitlines()[-1])
+                log.info("%s", result)
+                results.append(result)
+    return results
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    lines = ["| beam | batch | engine | target tok/s | sent/s | vs torch | vs ct2 same precision | peak RSS MB | BLEU |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    index = {(r["engine"], r["beam"], r["batch"]): r for r in results}
+    for r in results:
+        torch_run = index.get(("torch", r["beam"], r["batch"]))
+        peer = {"onnx-fp32": "ct2-float32", "onnx-int8": "ct2-int8"}.get(r["engine"])
+        peer_run = index.get((peer, r["beam"], r["batch"])) if peer else None
+        vs_torch = f"{r['tokens_per_s'] / torch_run['tokens_per_s']:.2f}x" if torch_run else "-"
+        vs_peer = f"{r['tokens_per_s'] / peer_run['tokens_per_s']:.2f}x" if peer_run else "-"
+        lines.append(f"| {r['beam']} | {r['batch']} | {r['engine']} | {r['tokens_per_s']:.0f} | {r['sentences_per_s']:.1f} | "
+                     f"{vs_torch} | {vs_peer} | {r['peak_rss_mb']:.0f} | {r['bleu']:.2f} |")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="attnserve bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--run", type=Path, required=True, help="training run directory (torch and CTranslate2 weights)")
+    parser.add_argument("--bundle", type=Path, required=True, help="bundle exported from that run (fp32 and int8)")
+    parser.add_argument("--split", type=Path, default=Path("data/en-fr/test.tsv"))
+    parser.add_argument("--sentences", type=int, default=500)
+    parser.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES)
+    parser.add_argument("--beams", nargs="+", type=int, default=[1, 4])
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 32])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--workdir", type=Path, default=Path("build/bench"))
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--one", choices=ENGINES, help=argparse.SUPPRESS)  # internal: one measurement
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    if args.one:
+        print(json.dumps(measure(args.one, args.run, args.bundle, args.split, args.sentences, args.beams[0],
+                                 args.batches[0], args.threads, args.workdir)))
+        return 0
+    results = run_all(args)
+    header = (f"{len(results)} runs on {platform.processor() or platform.machine()}, {args.threads} threads, "
+              f"{args.sentences} sentences of {args.split}")
+    print(header + "\n\n" + table(results))
+    if args.json:
+        args.json.write_text(json.dumps({"setup": header, "results": results}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
