@@ -4,8 +4,9 @@ collected and raised together as one ExportValidationError.
     step parity   encoder outputs, then decoder steps along the torch greedy path, on random
                   and on real (dev) sentences: log-probabilities, alignments and the new state.
                   fp32: max abs difference <= the graph's atol (1e-4); fp16: relative error <= 1e-2.
-    greedy        tokens of greedy decoding through onnxruntime vs torch on the dev split
-                  (fp32: 100% identical); int8/fp16 also report test BLEU, within 0.5 of torch.
+    decoding      tokens of greedy decoding through onnxruntime vs torch on the dev split
+                  (fp32: 100% identical, and for beam 4 too); int8/fp16 report the share
+                  identical and test BLEU, which must be within 0.5 of torch.
 """
 
 from __future__ import annotations
@@ -22,13 +23,15 @@ import torch
 from export.specs import ArchitectureSpec
 from model.batching import pad
 from model.corpus import load_tsv
+from model.decode import DecodeOptions
 from model.evaluate import translate_texts
 from server.bundle import Bundle
-from server.engine import Engine
+from server.engine import Engine, TranslationOptions
 
 log = logging.getLogger(__name__)
 
 FP16_RTOL = 1e-2
+BEAM_CHECK = 4
 MAX_BLEU_DROP = 0.5
 
 
@@ -131,6 +134,15 @@ def validate_precision(model, tokenizer, config, arch: ArchitectureSpec, work: P
     report.results["greedy_identical"] = round(identical, 4)
     if precision == "fp32" and identical < 1.0:
         report.failures.append(f"greedy tokens identical on {identical:.2%} of {len(dev)} dev sentences, need 100%")
+    if precision == "fp32":  # beam search too: the engine must reproduce the reference exactly
+        beam = DecodeOptions(beam_size=BEAM_CHECK)
+        reference = [h[0].tokens for h in translate_texts(model, tokenizer, [s for s, _ in dev], beam)]
+        onnx_tokens = [h[0].tokens for h in engine.translate_ids(engine.encode_texts([s for s, _ in dev]),
+                                                                  TranslationOptions(beam_size=BEAM_CHECK))]
+        identical = sum(a == b for a, b in zip(reference, onnx_tokens)) / len(dev)
+        report.results[f"beam{BEAM_CHECK}_identical"] = round(identical, 4)
+        if identical < 1.0:
+            report.failures.append(f"beam-{BEAM_CHECK} tokens identical on {identical:.2%} of {len(dev)} dev sentences, need 100%")
     if precision != "fp32" and test:
         sources, references = [s for s, _ in test], [t for _, t in test]
         torch_hyps = tokenizer.decode([h[0].tokens for h in translate_texts(model, tokenizer, sources)])

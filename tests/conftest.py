@@ -28,7 +28,7 @@ def trained(tmp_path_factory) -> dict[str, Path]:
     corpus.mkdir()
     write_tsv(corpus / "train.tsv", [toy_pair(rng) for _ in range(400)])
     write_tsv(corpus / "dev.tsv", [toy_pair(rng) for _ in range(40)])
-    write_tsv(corpus / "test.tsv", [toy_pair(rng) for _ in range(40)])
+    write_tsv(corpus / "test.tsv", [toy_pair(rng) for _ in range(200)])  # BLEU deltas need some size
     runs = {}
     for name, model in ARCHITECTURES.items():
         config = toy_config(corpus, root / name, **model)

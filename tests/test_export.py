@@ -25,7 +25,7 @@ def test_export_matches_torch(trained: dict[str, Path], tmp_path: Path, name: st
     manifest = export_bundle(trained[name], out, precisions=("fp32", "int8"))
     fp32 = manifest["precisions"]["fp32"]["validation"]
     assert fp32["max_abs_diff_random"] <= 1e-4 and fp32["max_abs_diff_dev"] <= 1e-4
-    assert fp32["greedy_identical"] == 1.0
+    assert fp32["greedy_identical"] == 1.0 and fp32["beam4_identical"] == 1.0
     int8 = manifest["precisions"]["int8"]["validation"]
     assert abs(int8["bleu_difference"]) <= 0.5 or int8["test_bleu"] >= int8["test_bleu_torch"]
     bundle = load_bundle(out)
