@@ -127,6 +127,19 @@ def export_graph(model: EncoderDecoder, arch: ArchitectureSpec, spec: GraphSpec,
     want = [t.name for t in spec.inputs], [t.name for t in spec.outputs]
     if got != want:
         raise RuntimeError(f"{spec.name}: exported graph has inputs/outputs {got}, spec says {want}")
+    return add_top_k(proto) if spec.name == "decoder_step" and fused else proto
+
+
+def add_top_k(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Append TopK over the step's log-probabilities: inputs `k` (1,) int64, outputs
+    `top_log_probs` and `top_ids` (batch, k), best first. Beam search then reads k candidates
+    per row instead of copying out and sorting a (batch, vocab) array every step."""
+    graph = proto.graph
+    graph.input.append(onnx.helper.make_tensor_value_info("k", onnx.TensorProto.INT64, [1]))
+    graph.node.append(onnx.helper.make_node("TopK", ["log_probs", "k"], ["top_log_probs", "top_ids"],
+                                            name="top_k", axis=-1, largest=1, sorted=1))
+    graph.output.append(onnx.helper.make_tensor_value_info("top_log_probs", onnx.TensorProto.FLOAT, ["batch", "k"]))
+    graph.output.append(onnx.helper.make_tensor_value_info("top_ids", onnx.TensorProto.INT64, ["batch", "k"]))
     return proto
 
 

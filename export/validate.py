@@ -78,7 +78,7 @@ def step_parity(model, engine: Engine, arch: ArchitectureSpec, src: torch.Tensor
         prev = torch.full((src.size(0),), 2, dtype=torch.long)
         for _ in range(steps):
             logits, state, attention = model.decode_step(prev, state)
-            feed = {"prev": prev.numpy(), **{n: onnx_state[n] for n in engine.static},
+            feed = {"prev": prev.numpy(), "k": np.array([1]), **{n: onnx_state[n] for n in engine.static},
                     **{t["name"]: onnx_state[t["name"]] for t in engine.dynamic}}
             results = engine.step.run(None, feed)
             track(torch.log_softmax(logits.float(), -1), results[0])

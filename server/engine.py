@@ -89,6 +89,8 @@ class Engine:
         self.dynamic_names = [t["name"] for t in self.dynamic]
         self.dynamic_from_encoder = state["dynamic_from_encoder"]
         self.encoder_outputs = [o.name for o in self.encoder.get_outputs()]
+        self.step_outputs = ["top_log_probs", "top_ids", "attention"] + [f"new_{n}" for n in self.dynamic_names]
+        self.vocab_size = manifest["vocab_size"]
         ids = manifest["special_ids"]
         self.pad, self.bos, self.eos = ids["pad"], ids["bos"], ids["eos"]
         self.max_len = manifest["max_len"]
@@ -109,13 +111,23 @@ class Engine:
                 state[tensor["name"]] = np.zeros(shape, dtype=tensor["dtype"])
         return state
 
-    def _run_step(self, prev: np.ndarray, state: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """One decoder step; updates the dynamic state in place, returns log-probs and alignment."""
-        feed = {"prev": prev, **{name: state[name] for name in self.static},
+    def _run_step(self, prev: np.ndarray, state: dict[str, np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One decoder step; updates the dynamic state in place and returns the k best
+        (log-prob, token) of every row, best first, ties to the lower token id, and the alignment."""
+        feed = {"prev": prev, "k": np.array([k], dtype=np.int64), **{name: state[name] for name in self.static},
                 **{name: state[name] for name in self.dynamic_names}}
-        log_probs, alignment, *new = self.step.run(None, feed)
+        top_log_probs, top_ids, alignment, *new = self.step.run(self.step_outputs, feed)
         state.update(zip(self.dynamic_names, new))
-        return log_probs, alignment
+        return top_log_probs, top_ids, alignment
+
+    def _candidates(self, prev: np.ndarray, state: dict[str, np.ndarray], k: int, no_eos: bool):
+        """k candidates per row; with no_eos (min_length not reached) EOS is never among them."""
+        top_log_probs, top_ids, alignment = self._run_step(prev, state, k + no_eos)
+        if no_eos:
+            top_log_probs[top_ids == self.eos] = -np.inf
+            order = np.argsort(-top_log_probs, axis=1, kind="stable")[:, :k]
+            top_log_probs, top_ids = np.take_along_axis(top_log_probs, order, 1), np.take_along_axis(top_ids, order, 1)
+        return top_log_probs, top_ids, alignment
 
     def _limits(self, src: np.ndarray, opts: TranslationOptions) -> np.ndarray:
         """Per-sentence max target length, computed as model/decode.py does (float32, truncated)."""
@@ -141,11 +153,9 @@ class Engine:
         scores = np.zeros(B, dtype=np.float32)
         alignments: list[list[list[float]]] = [[] for _ in range(B)]
         for step in range(int(limits.max())):
-            log_probs, alignment = self._run_step(prev, state)
-            if step < opts.min_length:
-                log_probs[:, self.eos] = -np.inf
-            prev = log_probs.argmax(-1).astype(np.int64)
-            scores[rows] += log_probs[np.arange(len(rows)), prev]
+            top_log_probs, top_ids, alignment = self._candidates(prev, state, 1, step < opts.min_length)
+            prev = top_ids[:, 0]
+            scores[rows] += top_log_probs[:, 0]
             for i, row in enumerate(rows.tolist()):
                 tokens[row].append(int(prev[i]))
                 if opts.return_alignment:
@@ -183,21 +193,20 @@ class Engine:
         results: list[list[Hypothesis]] = [[] for _ in range(B)]
         for step in range(int(limits.max())):
             n = len(sentences)
-            log_probs, alignment = self._run_step(prev, state)
-            V = log_probs.shape[-1]
-            if step < opts.min_length:
-                log_probs[:, self.eos] = -np.inf
+            # The K best continuations of each beam contain the K best of the sentence.
+            top_log_probs, top_ids, alignment = self._candidates(prev, state, K, step < opts.min_length)
             # A finished hypothesis can only be extended by PAD, at no cost.
-            log_probs[finished] = -np.inf
-            log_probs[finished, self.pad] = 0.0
-            candidates = (scores.reshape(n * K, 1) + log_probs).reshape(n, K * V)
-            # The K best per sentence, best first; ties go to the lower index, as torch.topk.
-            top = np.argpartition(-candidates, K - 1, axis=1)[:, :K]
-            order = np.lexsort((top, -np.take_along_axis(candidates, top, 1)), axis=1)
-            flat = np.take_along_axis(top, order, 1)  # (n, K)
-            scores = np.take_along_axis(candidates, flat, 1)
-            origin = (flat // V + np.arange(n)[:, None] * K).reshape(-1)  # (n*K,)
-            prev = (flat % V).reshape(-1).astype(np.int64)
+            top_log_probs[finished] = -np.inf
+            top_log_probs[finished, 0] = 0.0
+            top_ids[finished, 0] = self.pad
+            candidates = (scores.reshape(n * K, 1) + top_log_probs).reshape(n, K * K)
+            # Best first; ties go to the lower (beam, token) index, as torch.topk over (K * V).
+            beam_of = np.repeat(np.arange(K), K)[None, :]  # (1, K*K)
+            tie_key = beam_of * self.vocab_size + top_ids.reshape(n, K * K)
+            pick = np.lexsort((tie_key, -candidates), axis=1)[:, :K]  # (n, K)
+            scores = np.take_along_axis(candidates, pick, 1)
+            origin = (pick // K + np.arange(n)[:, None] * K).reshape(-1)  # (n*K,)
+            prev = np.take_along_axis(top_ids.reshape(n, K * K), pick, 1).reshape(-1).astype(np.int64)
             for name in self.dynamic_names:
                 state[name] = state[name][origin]
             history = np.concatenate([history[origin], prev[:, None]], axis=1)
