@@ -25,6 +25,11 @@ from server.bundle import Bundle
 
 log = logging.getLogger(__name__)
 
+# Finished rows leave the batch once they are at least 1/COMPACT_FRACTION of it: copying the
+# state (cross-attention keys/values included) for every single finished row costs more than
+# the steps it saves.
+COMPACT_FRACTION = 4
+
 
 @dataclasses.dataclass
 class TranslationOptions:
@@ -152,20 +157,21 @@ class Engine:
         tokens: list[list[int]] = [[] for _ in range(B)]
         scores = np.zeros(B, dtype=np.float32)
         alignments: list[list[list[float]]] = [[] for _ in range(B)]
+        done = np.zeros(B, dtype=bool)  # per active row; done rows are dropped in bulk
         for step in range(int(limits.max())):
             top_log_probs, top_ids, alignment = self._candidates(prev, state, 1, step < opts.min_length)
             prev = top_ids[:, 0]
-            scores[rows] += top_log_probs[:, 0]
-            for i, row in enumerate(rows.tolist()):
-                tokens[row].append(int(prev[i]))
+            scores[rows] += np.where(done, 0.0, top_log_probs[:, 0])
+            for i in np.flatnonzero(~done).tolist():
+                tokens[rows[i]].append(int(prev[i]))
                 if opts.return_alignment:
-                    alignments[row].append(alignment[i].tolist())
-            done = (prev == self.eos) | (limits[rows] <= step + 1)
+                    alignments[rows[i]].append(alignment[i].tolist())
+            done |= (prev == self.eos) | (limits[rows] <= step + 1)
             if done.all():
                 break
-            if done.any():
+            if done.sum() * COMPACT_FRACTION >= len(rows):
                 keep = np.flatnonzero(~done)
-                rows, prev = rows[keep], prev[keep]
+                rows, prev, done = rows[keep], prev[keep], done[keep]
                 state = {name: value[keep] for name, value in state.items()}
         results = []
         for row in range(B):
@@ -191,6 +197,7 @@ class Engine:
         history = np.zeros((B * K, 0), dtype=np.int64)
         attention_history: list[np.ndarray] = []  # per step (B*K, S), rows follow the beams
         results: list[list[Hypothesis]] = [[] for _ in range(B)]
+        reported = np.zeros(B, dtype=bool)
         for step in range(int(limits.max())):
             n = len(sentences)
             # The K best continuations of each beam contain the K best of the sentence.
@@ -217,14 +224,17 @@ class Engine:
             finished = finished[origin] | (prev == self.eos) | (row_limits <= step + 1)
             done = finished.reshape(n, K).all(1)
             last_step = step + 1 == int(limits.max())
-            if done.any() or last_step:
-                for i in np.flatnonzero(done | last_step):
-                    results[sentences[i]] = self._nbest(i, K, scores[i], length, history, attention_history, opts)
-                if done.all() or last_step:
-                    break
+            # A finished sentence's beams are frozen (PAD at no cost), so its result is final
+            # now; it stays in the batch until enough others have finished to compact in bulk.
+            for i in np.flatnonzero((done | last_step) & ~reported):
+                results[sentences[i]] = self._nbest(i, K, scores[i], length, history, attention_history, opts)
+            reported |= done
+            if done.all() or last_step:
+                break
+            if done.sum() * COMPACT_FRACTION >= n:
                 keep = np.flatnonzero(~done)
                 rows = (keep[:, None] * K + np.arange(K)).reshape(-1)
-                sentences, scores = sentences[keep], scores[keep]
+                sentences, scores, reported = sentences[keep], scores[keep], reported[keep]
                 prev, finished, length, history = prev[rows], finished[rows], length[rows], history[rows]
                 attention_history = [a[rows] for a in attention_history]
                 state = {name: value[rows] for name, value in state.items()}
