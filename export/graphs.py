@@ -57,24 +57,29 @@ class DecoderStepGraph(torch.nn.Module):
         super().__init__()
         self.model, self.static, self.dynamic = model, static, dynamic
 
-    def forward(self, prev: torch.Tensor, *tensors: torch.Tensor):
+    def forward(self, prev: torch.Tensor, origin: torch.Tensor, *tensors: torch.Tensor):
+        # prev (B,), origin (B,): the row of the previous step's dynamic state each row continues
         state = dict(zip(self.static + self.dynamic, tensors))
+        for name in self.dynamic:
+            state[name] = state[name].index_select(0, origin)
         logits, new_state, attention = self.model.decode_step(prev, state)
         return (torch.log_softmax(logits.float(), dim=-1), attention, *(new_state[name] for name in self.dynamic))
 
 
 def example_inputs(model: EncoderDecoder, arch: ArchitectureSpec) -> dict[str, tuple[torch.Tensor, ...]]:
-    """Tracing inputs: a padded batch, and a decoder state one step in (non-empty cache)."""
+    """Tracing inputs: a padded batch, and a decoder state one step in (non-empty cache) whose
+    previous step had a different number of rows (4) than this one (3), as when rows leave."""
     g = torch.Generator().manual_seed(0)
-    src = torch.randint(4, model.config.vocab_size, (3, 7), generator=g)
+    src = torch.randint(4, model.config.vocab_size, (4, 7), generator=g)
     src[1, 5:] = 0
     src[2, 2:] = 0
     with torch.inference_mode():
         state = model.encode(src)
-        prev = torch.tensor([2, 2, 2])
-        _, state, _ = model.decode_step(prev, state)
-    names = [t.name for t in arch.static + arch.dynamic]
-    return {"encoder": (src,), "decoder_step": (prev, *(state[n].clone() for n in names))}
+        _, state, _ = model.decode_step(torch.full((4,), 2), state)
+    origin = torch.tensor([3, 0, 1])
+    static = [state[t.name][origin].clone() for t in arch.static]
+    dynamic = [state[t.name].clone() for t in arch.dynamic]
+    return {"encoder": (src,), "decoder_step": (torch.tensor([5, 6, 7]), origin, *static, *dynamic)}
 
 
 def _dynamic_shapes(spec: GraphSpec) -> tuple:
@@ -83,7 +88,7 @@ def _dynamic_shapes(spec: GraphSpec) -> tuple:
     dims = {axis: Dim(axis, min=1) if axis != "past" else Dim(axis, min=0)
             for t in spec.inputs for axis in t.axes if isinstance(axis, str)}
     shapes = tuple({i: dims[axis] for i, axis in enumerate(t.axes) if isinstance(axis, str)} for t in spec.inputs)
-    return shapes if spec.name == "encoder" else (shapes[0], shapes[1:])
+    return shapes if spec.name == "encoder" else (shapes[0], shapes[1], shapes[2:])  # prev, origin, *state
 
 
 def clean_graph(proto: onnx.ModelProto, spec: GraphSpec) -> onnx.ModelProto:

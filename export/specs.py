@@ -54,8 +54,16 @@ class ArchitectureSpec:
         return GraphSpec("encoder", (TensorSpec("src", "int64", ("batch", "src_len")),), outputs)
 
     @property
+    def step_dynamic_inputs(self) -> tuple[TensorSpec, ...]:
+        """The dynamic state as the step graph takes it: rows of the previous step, which the
+        step first gathers by `origin` (beam reordering and finished rows leaving happen inside
+        the graph, so the state can stay where onnxruntime put it)."""
+        return tuple(TensorSpec(t.name, t.dtype, ("prev_batch",) + t.axes[1:]) for t in self.dynamic)
+
+    @property
     def decoder_step(self) -> GraphSpec:
-        inputs = (TensorSpec("prev", "int64", ("batch",)),) + self.static + self.dynamic
+        inputs = ((TensorSpec("prev", "int64", ("batch",)), TensorSpec("origin", "int64", ("batch",)))
+                  + self.static + self.step_dynamic_inputs)
         outputs = (
             TensorSpec("log_probs", "float32", ("batch", "vocab")),
             TensorSpec("attention", "float32", ("batch", "src_len")),

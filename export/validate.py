@@ -72,14 +72,14 @@ def step_parity(model, engine: Engine, arch: ArchitectureSpec, src: torch.Tensor
 
     with torch.inference_mode():
         state = model.encode(src)
-        onnx_state = engine._initial_state(src.numpy())
+        onnx_state = engine.encode(src.numpy())
         for name in engine.encoder_outputs:
             track(state[name], onnx_state[name])
         prev = torch.full((src.size(0),), 2, dtype=torch.long)
         for _ in range(steps):
             logits, state, attention = model.decode_step(prev, state)
-            feed = {"prev": prev.numpy(), "k": np.array([1]), **{n: onnx_state[n] for n in engine.static},
-                    **{t["name"]: onnx_state[t["name"]] for t in engine.dynamic}}
+            feed = {"prev": prev.numpy(), "origin": np.arange(src.size(0)), "k": np.array([1]),
+                    **{n: onnx_state[n] for n in engine.static}, **{n: onnx_state[n] for n in engine.dynamic_names}}
             results = engine.step.run(None, feed)
             track(torch.log_softmax(logits.float(), -1), results[0])
             track(attention, results[1])

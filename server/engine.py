@@ -96,6 +96,7 @@ class Engine:
         self.encoder_outputs = [o.name for o in self.encoder.get_outputs()]
         self.step_outputs = ["top_log_probs", "top_ids", "attention"] + [f"new_{n}" for n in self.dynamic_names]
         self.vocab_size = manifest["vocab_size"]
+        self.device_type = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
         ids = manifest["special_ids"]
         self.pad, self.bos, self.eos = ids["pad"], ids["bos"], ids["eos"]
         self.max_len = manifest["max_len"]
@@ -108,31 +109,33 @@ class Engine:
 
     # -- state -------------------------------------------------------------------------------
 
-    def _initial_state(self, src: np.ndarray) -> dict[str, np.ndarray]:
+    def encode(self, src: np.ndarray) -> dict[str, np.ndarray]:
+        """Encoder outputs, plus the initial dynamic state: from the encoder (RNN) or empty
+        key/value caches (B, H, 0, Dh) (Transformer)."""
         state = dict(zip(self.encoder_outputs, self.encoder.run(None, {"src": src})))
-        if not self.dynamic_from_encoder:  # empty key/value caches: (B, H, 0, Dh)
+        if not self.dynamic_from_encoder:
             for tensor in self.dynamic:
                 shape = [src.shape[0] if a == "batch" else 0 if isinstance(a, str) else a for a in tensor["shape"]]
                 state[tensor["name"]] = np.zeros(shape, dtype=tensor["dtype"])
         return state
 
-    def _run_step(self, prev: np.ndarray, state: dict[str, np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """One decoder step; updates the dynamic state in place and returns the k best
-        (log-prob, token) of every row, best first, ties to the lower token id, and the alignment."""
-        feed = {"prev": prev, "k": np.array([k], dtype=np.int64), **{name: state[name] for name in self.static},
-                **{name: state[name] for name in self.dynamic_names}}
-        top_log_probs, top_ids, alignment, *new = self.step.run(self.step_outputs, feed)
-        state.update(zip(self.dynamic_names, new))
-        return top_log_probs, top_ids, alignment
+    def _ort_value(self, array: np.ndarray) -> ort.OrtValue:
+        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device_type, 0)
 
-    def _candidates(self, prev: np.ndarray, state: dict[str, np.ndarray], k: int, no_eos: bool):
-        """k candidates per row; with no_eos (min_length not reached) EOS is never among them."""
-        top_log_probs, top_ids, alignment = self._run_step(prev, state, k + no_eos)
+    def _step(self, state: "_DecoderState", prev: np.ndarray, k: int, no_eos: bool, want_alignment: bool):
+        """One decoder step: the k best (log-prob, token) of every row, best first, ties to the
+        lower token id (EOS excluded while no_eos), and the alignment if wanted."""
+        feed = {"prev": ort.OrtValue.ortvalue_from_numpy(prev), "origin": ort.OrtValue.ortvalue_from_numpy(state.origin),
+                "k": ort.OrtValue.ortvalue_from_numpy(np.array([k + no_eos], dtype=np.int64)),
+                **state.static, **state.dynamic}
+        top_log_probs, top_ids, alignment, *new = self.step.run_with_ort_values(self.step_outputs, feed)
+        state.stepped(dict(zip(self.dynamic_names, new)), len(prev))
+        top_log_probs, top_ids = top_log_probs.numpy(), top_ids.numpy()
         if no_eos:
             top_log_probs[top_ids == self.eos] = -np.inf
             order = np.argsort(-top_log_probs, axis=1, kind="stable")[:, :k]
             top_log_probs, top_ids = np.take_along_axis(top_log_probs, order, 1), np.take_along_axis(top_ids, order, 1)
-        return top_log_probs, top_ids, alignment
+        return top_log_probs, top_ids, alignment.numpy() if want_alignment else None
 
     def _limits(self, src: np.ndarray, opts: TranslationOptions) -> np.ndarray:
         """Per-sentence max target length, computed as model/decode.py does (float32, truncated)."""
@@ -150,7 +153,7 @@ class Engine:
     def greedy(self, src: np.ndarray, opts: TranslationOptions) -> list[list[Hypothesis]]:
         """src (B, S) int64, PAD-padded, rows ending in EOS. Finished rows leave the batch."""
         B = src.shape[0]
-        state = self._initial_state(src)
+        state = _DecoderState(self, self.encode(src))
         limits = self._limits(src, opts)
         rows = np.arange(B)  # original row of each active row
         prev = np.full(B, self.bos, dtype=np.int64)
@@ -159,7 +162,7 @@ class Engine:
         alignments: list[list[list[float]]] = [[] for _ in range(B)]
         done = np.zeros(B, dtype=bool)  # per active row; done rows are dropped in bulk
         for step in range(int(limits.max())):
-            top_log_probs, top_ids, alignment = self._candidates(prev, state, 1, step < opts.min_length)
+            top_log_probs, top_ids, alignment = self._step(state, prev, 1, step < opts.min_length, opts.return_alignment)
             prev = top_ids[:, 0]
             scores[rows] += np.where(done, 0.0, top_log_probs[:, 0])
             for i in np.flatnonzero(~done).tolist():
@@ -172,7 +175,7 @@ class Engine:
             if done.sum() * COMPACT_FRACTION >= len(rows):
                 keep = np.flatnonzero(~done)
                 rows, prev, done = rows[keep], prev[keep], done[keep]
-                state = {name: value[keep] for name, value in state.items()}
+                state.keep(keep)
         results = []
         for row in range(B):
             ids = tokens[row]
@@ -185,8 +188,7 @@ class Engine:
     def beam_search(self, src: np.ndarray, opts: TranslationOptions) -> list[list[Hypothesis]]:
         """Beam search; a sentence leaves the batch when all of its beams have finished."""
         B, K = src.shape[0], opts.beam_size
-        state = self._initial_state(src)
-        state = {name: np.repeat(value, K, axis=0) for name, value in state.items()}  # (B*K, ...)
+        state = _DecoderState(self, {name: np.repeat(value, K, axis=0) for name, value in self.encode(src).items()})
         limits = self._limits(src, opts)
         sentences = np.arange(B)  # original sentence of each active sentence
         prev = np.full(B * K, self.bos, dtype=np.int64)
@@ -201,7 +203,7 @@ class Engine:
         for step in range(int(limits.max())):
             n = len(sentences)
             # The K best continuations of each beam contain the K best of the sentence.
-            top_log_probs, top_ids, alignment = self._candidates(prev, state, K, step < opts.min_length)
+            top_log_probs, top_ids, alignment = self._step(state, prev, K, step < opts.min_length, opts.return_alignment)
             # A finished hypothesis can only be extended by PAD, at no cost.
             top_log_probs[finished] = -np.inf
             top_log_probs[finished, 0] = 0.0
@@ -214,8 +216,7 @@ class Engine:
             scores = np.take_along_axis(candidates, pick, 1)
             origin = (pick // K + np.arange(n)[:, None] * K).reshape(-1)  # (n*K,)
             prev = np.take_along_axis(top_ids.reshape(n, K * K), pick, 1).reshape(-1).astype(np.int64)
-            for name in self.dynamic_names:
-                state[name] = state[name][origin]
+            state.reorder(origin)
             history = np.concatenate([history[origin], prev[:, None]], axis=1)
             if opts.return_alignment:
                 attention_history = [a[origin] for a in attention_history] + [alignment[origin]]
@@ -237,7 +238,7 @@ class Engine:
                 sentences, scores, reported = sentences[keep], scores[keep], reported[keep]
                 prev, finished, length, history = prev[rows], finished[rows], length[rows], history[rows]
                 attention_history = [a[rows] for a in attention_history]
-                state = {name: value[rows] for name, value in state.items()}
+                state.keep(rows)
         return results
 
     def _nbest(self, i: int, K: int, scores: np.ndarray, length: np.ndarray, history: np.ndarray,
@@ -294,3 +295,34 @@ class Engine:
     def translate_text(self, texts: Sequence[str], opts: TranslationOptions | None = None) -> list[str]:
         """Best translation of each text."""
         return [hyps[0].text for hyps in self.translate(texts, opts)]
+
+
+class _DecoderState:
+    """The decoder state of one batch being decoded.
+
+    Static tensors (cross-attention keys/values, RNN memory) are wrapped as OrtValues once per
+    batch, on the execution provider's device. The dynamic state (key/value cache, RNN hidden
+    state) stays in the OrtValues onnxruntime returned, on that device too: it is never copied
+    to numpy. `origin` tells the next step which previous row each row continues; the step graph
+    applies it (Gather), which is how beams are reordered and finished rows dropped."""
+
+    def __init__(self, engine: Engine, tensors: dict[str, np.ndarray]):
+        self.engine = engine
+        self.static_host = {name: tensors[name] for name in engine.static}
+        self.static = {name: engine._ort_value(value) for name, value in self.static_host.items()}
+        self.dynamic = {name: engine._ort_value(tensors[name]) for name in engine.dynamic_names}
+        self.origin = np.arange(len(next(iter(self.static_host.values()))), dtype=np.int64)
+
+    def stepped(self, dynamic: dict[str, ort.OrtValue], rows: int) -> None:
+        self.dynamic = dynamic
+        self.origin = np.arange(rows, dtype=np.int64)
+
+    def reorder(self, origin: np.ndarray) -> None:
+        """Row i continues row origin[i] (beam search)."""
+        self.origin = self.origin[origin]
+
+    def keep(self, rows: np.ndarray) -> None:
+        """Only these rows go on; the static tensors are compacted on the host."""
+        self.origin = self.origin[rows]
+        self.static_host = {name: value[rows] for name, value in self.static_host.items()}
+        self.static = {name: self.engine._ort_value(value) for name, value in self.static_host.items()}
