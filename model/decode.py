@@ -39,10 +39,6 @@ def max_target_lengths(src: torch.Tensor, model: EncoderDecoder, opts: DecodeOpt
     return (opts.max_len_a * lengths + opts.max_len_b).long().clamp(max=model.config.max_len - 1)
 
 
-def _normalise(score: torch.Tensor, length: torch.Tensor, alpha: float) -> torch.Tensor:
-    return score / (((5.0 + length) / 6.0) ** alpha) if alpha else score
-
-
 @torch.inference_mode()
 def greedy(model: EncoderDecoder, src: torch.Tensor, opts: DecodeOptions | None = None) -> list[list[Hypothesis]]:
     """Greedy decoding: src (B, S) -> one hypothesis per sentence."""
@@ -68,15 +64,20 @@ def greedy(model: EncoderDecoder, src: torch.Tensor, opts: DecodeOptions | None 
         finished |= (prev == EOS_ID) | (limits <= step + 1)
         if finished.all():
             break
-    score = _normalise(score, length, opts.length_penalty)
-    return [[_hypothesis(tokens[b], float(score[b]), attns, b, opts)] for b in range(B)]
+    ended = (tokens == EOS_ID).any(1).tolist()
+    return [[_hypothesis(tokens[b], attns, b, float(score[b]), int(length[b]), ended[b], opts)] for b in range(B)]
 
 
 @torch.inference_mode()
 def beam_search(model: EncoderDecoder, src: torch.Tensor, opts: DecodeOptions) -> list[list[Hypothesis]]:
     """Beam search: src (B, S) -> opts.nbest hypotheses per sentence, best first.
 
-    With beam_size 1 this is greedy decoding, token for token."""
+    The usual NMT beam (as in fairseq): each step takes the 2K best continuations of a
+    sentence's K live hypotheses; an EOS among the first K ends a hypothesis, which leaves the
+    beam for the finished list; the K best others form the next beam. A sentence is done when
+    it has K finished hypotheses, or at its length limit (its live ones then count as finished).
+    Finished hypotheses are ranked by length-normalised score. With beam_size 1 this is greedy
+    decoding, token for token."""
     K = opts.beam_size
     if opts.nbest > K:
         raise ValueError(f"nbest ({opts.nbest}) cannot exceed beam_size ({K})")
@@ -88,45 +89,55 @@ def beam_search(model: EncoderDecoder, src: torch.Tensor, opts: DecodeOptions) -
     # Only the first beam is alive at the start, so the first step expands one hypothesis.
     scores = torch.full((B, K), float("-inf"), device=device)
     scores[:, 0] = 0.0
-    finished = torch.zeros(B * K, dtype=torch.bool, device=device)
-    length = torch.zeros(B * K, device=device)
     attns: list[torch.Tensor] = []
-    limits = max_target_lengths(src, model, opts).repeat_interleave(K)  # (B*K,)
-    for step in range(int(limits.max())):
+    limits = max_target_lengths(src, model, opts).tolist()
+    finished: list[list[Hypothesis]] = [[] for _ in range(B)]
+    done = [False] * B
+    offsets = torch.arange(B, device=device)[:, None] * K
+    for step in range(max(limits)):
         logits, state, attn = model.decode_step(prev, state)
+        attns.append(attn)
         V = logits.size(-1)
         logp = torch.log_softmax(logits.float(), dim=-1)  # (B*K, V)
-        # A finished hypothesis can only be extended by PAD, at no cost.
-        frozen = torch.full_like(logp, float("-inf"))
-        frozen[:, PAD_ID] = 0.0
-        logp = torch.where(finished[:, None], frozen, logp)
         candidates = (scores.view(B * K, 1) + logp).view(B, K * V)
-        scores, flat = candidates.topk(K, dim=-1)  # (B, K)
-        origin = (flat // V + torch.arange(B, device=device)[:, None] * K).view(-1)  # (B*K,)
-        prev = (flat % V).view(-1)
+        top_scores, top = candidates.topk(2 * K, dim=-1)  # (B, 2K), best first
+        top_beam, top_token = top // V, top % V
+        is_eos = top_token == EOS_ID
+        # An EOS among the first K candidates finishes that hypothesis.
+        for b, j in (is_eos[:, :K] & torch.isfinite(top_scores[:, :K])).nonzero().tolist():
+            if not done[b]:
+                row = b * K + int(top_beam[b, j])
+                finished[b].append(_hypothesis(tokens[row], attns, row, float(top_scores[b, j]), step + 1, True, opts))
+        # The K best non-EOS candidates form the next beam (there are at least K among 2K).
+        positions = torch.arange(2 * K, device=device).expand(B, -1)
+        pick = torch.where(is_eos, positions + 2 * K, positions).argsort(-1)[:, :K]  # (B, K), in order
+        scores = torch.gather(top_scores, 1, pick)
+        origin = (torch.gather(top_beam, 1, pick) + offsets).view(-1)
+        prev = torch.gather(top_token, 1, pick).view(-1)
         state = model.reorder_state(state, origin)
         tokens = torch.cat([tokens.index_select(0, origin), prev[:, None]], dim=1)
-        attns = [a.index_select(0, origin) for a in attns] + [attn.index_select(0, origin)]
-        length = length.index_select(0, origin) + (~finished.index_select(0, origin)).float()
-        finished = finished.index_select(0, origin) | (prev == EOS_ID) | (limits <= step + 1)
-        if finished.all():
+        attns = [a.index_select(0, origin) for a in attns]
+        for b in range(B):
+            if done[b]:
+                continue
+            if step + 1 >= limits[b]:  # the limit: live hypotheses finish as they are
+                for k in range(K):
+                    if torch.isfinite(scores[b, k]):
+                        finished[b].append(_hypothesis(tokens[b * K + k], attns, b * K + k, float(scores[b, k]), step + 1, False, opts))
+            done[b] = len(finished[b]) >= K or step + 1 >= limits[b]
+        if all(done):
             break
-    normalised = _normalise(scores.view(-1), length, opts.length_penalty).view(B, K)
-    results = []
-    for b in range(B):
-        order = normalised[b].argsort(descending=True)[: opts.nbest]
-        results.append([_hypothesis(tokens[b * K + k], float(normalised[b, k]), attns, b * K + k, opts) for k in order.tolist()])
-    return results
+    return [sorted(hyps, key=lambda h: -h.score)[: opts.nbest] for hyps in finished]
 
 
-def _hypothesis(row: torch.Tensor, score: float, attns: list[torch.Tensor], index: int, opts: DecodeOptions) -> Hypothesis:
-    ids = row.tolist()
-    end = ids.index(EOS_ID) if EOS_ID in ids else len(ids)
-    attention = None
-    if opts.return_attention:
-        steps = min(end + 1, len(attns))
-        attention = [attns[t][index].tolist() for t in range(steps)]
-    return Hypothesis(tokens=[t for t in ids[:end] if t != PAD_ID], score=score, attention=attention)
+def _hypothesis(row: torch.Tensor, attns: list[torch.Tensor], index: int, score: float, length: int,
+                ended: bool, opts: DecodeOptions) -> Hypothesis:
+    """A finished hypothesis of `length` target tokens (its EOS included if it ended with one);
+    `row` starts with its tokens; attns[t][index] is its alignment at step t."""
+    ids = row.tolist()[: length - ended]
+    attention = [attns[t][index].tolist() for t in range(length)] if opts.return_attention else None
+    normalised = score / ((5.0 + length) / 6.0) ** opts.length_penalty if opts.length_penalty else score
+    return Hypothesis(tokens=ids, score=normalised, attention=attention)
 
 
 def decode(model: EncoderDecoder, src: torch.Tensor, opts: DecodeOptions) -> list[list[Hypothesis]]:

@@ -145,8 +145,9 @@ class Engine:
         return np.minimum((np.float32(a) * lengths + np.float32(b)).astype(np.int64), self.max_len - 1)
 
     @staticmethod
-    def _normalise(score: np.ndarray, length: np.ndarray, alpha: float) -> np.ndarray:
-        return score / (((5.0 + length) / 6.0) ** alpha) if alpha else score
+    def _normalise(score: float, length: int, alpha: float) -> float:
+        """GNMT length penalty, as model/decode.py applies it."""
+        return score / ((5.0 + length) / 6.0) ** alpha if alpha else score
 
     # -- search ------------------------------------------------------------------------------
 
@@ -180,81 +181,74 @@ class Engine:
         for row in range(B):
             ids = tokens[row]
             length = len(ids)
-            score = float(self._normalise(scores[row], np.float32(length), opts.length_penalty))
+            score = self._normalise(float(scores[row]), length, opts.length_penalty)
             body = ids[:-1] if ids and ids[-1] == self.eos else ids
             results.append([Hypothesis(body, score, alignments[row] if opts.return_alignment else None)])
         return results
 
     def beam_search(self, src: np.ndarray, opts: TranslationOptions) -> list[list[Hypothesis]]:
-        """Beam search; a sentence leaves the batch when all of its beams have finished."""
+        """The beam of model/decode.py: 2K best continuations a step, an EOS among the first K
+        finishes a hypothesis, the K best others go on; a sentence is done with K finished
+        hypotheses or at its length limit, and leaves the batch (in bulk, see COMPACT_FRACTION)."""
         B, K = src.shape[0], opts.beam_size
         state = _DecoderState(self, {name: np.repeat(value, K, axis=0) for name, value in self.encode(src).items()})
         limits = self._limits(src, opts)
         sentences = np.arange(B)  # original sentence of each active sentence
+        closed = np.zeros(B, dtype=bool)  # per active sentence: done, waiting to leave the batch
         prev = np.full(B * K, self.bos, dtype=np.int64)
         scores = np.full((B, K), -np.inf, dtype=np.float32)
         scores[:, 0] = 0.0  # only the first beam is alive at the start
-        finished = np.zeros(B * K, dtype=bool)
-        length = np.zeros(B * K, dtype=np.float32)
         history = np.zeros((B * K, 0), dtype=np.int64)
-        attention_history: list[np.ndarray] = []  # per step (B*K, S), rows follow the beams
-        results: list[list[Hypothesis]] = [[] for _ in range(B)]
-        reported = np.zeros(B, dtype=bool)
+        attention_history: list[np.ndarray] = []  # per step (rows, S), rows follow the beams
+        finished: list[list[Hypothesis]] = [[] for _ in range(B)]
+        beam_of = np.repeat(np.arange(K), 2 * K)[None, :]  # (1, K*2K)
+        positions = np.arange(2 * K)[None, :]
         for step in range(int(limits.max())):
             n = len(sentences)
-            # The K best continuations of each beam contain the K best of the sentence.
-            top_log_probs, top_ids, alignment = self._step(state, prev, K, step < opts.min_length, opts.return_alignment)
-            # A finished hypothesis can only be extended by PAD, at no cost.
-            top_log_probs[finished] = -np.inf
-            top_log_probs[finished, 0] = 0.0
-            top_ids[finished, 0] = self.pad
-            candidates = (scores.reshape(n * K, 1) + top_log_probs).reshape(n, K * K)
+            # The 2K best continuations of each beam contain the 2K best of the sentence.
+            top_log_probs, top_ids, alignment = self._step(state, prev, 2 * K, step < opts.min_length, opts.return_alignment)
+            if opts.return_alignment:
+                attention_history.append(alignment)
+            candidates = (scores.reshape(n * K, 1) + top_log_probs).reshape(n, 2 * K * K)
+            tokens = top_ids.reshape(n, 2 * K * K)
             # Best first; ties go to the lower (beam, token) index, as torch.topk over (K * V).
-            beam_of = np.repeat(np.arange(K), K)[None, :]  # (1, K*K)
-            tie_key = beam_of * self.vocab_size + top_ids.reshape(n, K * K)
-            pick = np.lexsort((tie_key, -candidates), axis=1)[:, :K]  # (n, K)
-            scores = np.take_along_axis(candidates, pick, 1)
-            origin = (pick // K + np.arange(n)[:, None] * K).reshape(-1)  # (n*K,)
-            prev = np.take_along_axis(top_ids.reshape(n, K * K), pick, 1).reshape(-1).astype(np.int64)
+            order = np.lexsort((beam_of * self.vocab_size + tokens, -candidates), axis=1)[:, : 2 * K]
+            top_scores = np.take_along_axis(candidates, order, 1)
+            top_beam = order // (2 * K)
+            top_token = np.take_along_axis(tokens, order, 1)
+            is_eos = top_token == self.eos
+            for b, j in np.argwhere(is_eos[:, :K] & np.isfinite(top_scores[:, :K]) & ~closed[:, None]):
+                row = b * K + top_beam[b, j]
+                finished[sentences[b]].append(self._hypothesis(history[row], attention_history, row, top_scores[b, j], step + 1, True, opts))
+            pick = np.argsort(np.where(is_eos, positions + 2 * K, positions), axis=1, kind="stable")[:, :K]
+            scores = np.take_along_axis(top_scores, pick, 1)
+            origin = (np.take_along_axis(top_beam, pick, 1) + np.arange(n)[:, None] * K).reshape(-1)
+            prev = np.take_along_axis(top_token, pick, 1).reshape(-1).astype(np.int64)
             state.reorder(origin)
             history = np.concatenate([history[origin], prev[:, None]], axis=1)
-            if opts.return_alignment:
-                attention_history = [a[origin] for a in attention_history] + [alignment[origin]]
-            length = length[origin] + (~finished[origin]).astype(np.float32)
-            row_limits = np.repeat(limits[sentences], K)
-            finished = finished[origin] | (prev == self.eos) | (row_limits <= step + 1)
-            done = finished.reshape(n, K).all(1)
-            last_step = step + 1 == int(limits.max())
-            # A finished sentence's beams are frozen (PAD at no cost), so its result is final
-            # now; it stays in the batch until enough others have finished to compact in bulk.
-            for i in np.flatnonzero((done | last_step) & ~reported):
-                results[sentences[i]] = self._nbest(i, K, scores[i], length, history, attention_history, opts)
-            reported |= done
-            if done.all() or last_step:
+            attention_history = [a[origin] for a in attention_history]
+            at_limit = limits[sentences] <= step + 1
+            for b in np.flatnonzero(at_limit & ~closed):  # live hypotheses finish as they are
+                for k in np.flatnonzero(np.isfinite(scores[b])):
+                    finished[sentences[b]].append(self._hypothesis(history[b * K + k], attention_history, b * K + k, scores[b, k], step + 1, False, opts))
+            closed |= at_limit | np.array([len(finished[s]) >= K for s in sentences])
+            if closed.all():
                 break
-            if done.sum() * COMPACT_FRACTION >= n:
-                keep = np.flatnonzero(~done)
+            if closed.sum() * COMPACT_FRACTION >= n:
+                keep = np.flatnonzero(~closed)
                 rows = (keep[:, None] * K + np.arange(K)).reshape(-1)
-                sentences, scores, reported = sentences[keep], scores[keep], reported[keep]
-                prev, finished, length, history = prev[rows], finished[rows], length[rows], history[rows]
+                sentences, scores, closed = sentences[keep], scores[keep], closed[keep]
+                prev, history = prev[rows], history[rows]
                 attention_history = [a[rows] for a in attention_history]
                 state.keep(rows)
-        return results
+        return [sorted(hyps, key=lambda h: -h.score)[: opts.nbest] for hyps in finished]
 
-    def _nbest(self, i: int, K: int, scores: np.ndarray, length: np.ndarray, history: np.ndarray,
-               attention_history: list[np.ndarray], opts: TranslationOptions) -> list[Hypothesis]:
-        rows = i * K + np.arange(K)
-        normalised = self._normalise(scores, length[rows], opts.length_penalty)
-        hyps = []
-        for k in np.argsort(-normalised, kind="stable")[: opts.nbest]:
-            ids = history[rows[k]].tolist()
-            end = ids.index(self.eos) if self.eos in ids else len(ids)
-            alignment = None
-            if opts.return_alignment:
-                steps = min(end + 1, len(attention_history))
-                alignment = [attention_history[t][rows[k]].tolist() for t in range(steps)]
-            hyps.append(Hypothesis([t for t in ids[:end] if t != self.pad], float(normalised[k]), alignment))
-        return hyps
+    def _hypothesis(self, row: np.ndarray, attention_history: list[np.ndarray], index: int, score: float,
+                    length: int, ended: bool, opts: TranslationOptions) -> Hypothesis:
+        """A finished hypothesis of `length` target tokens (its EOS included if it ended with
+        one); `row` starts with its tokens; attention_history[t][index] is its alignment at t."""
+        alignment = [attention_history[t][index].tolist() for t in range(length)] if opts.return_alignment else None
+        return Hypothesis(row[: length - ended].tolist(), self._normalise(float(score), length, opts.length_penalty), alignment)
 
     # -- batching and text -------------------------------------------------------------------
 
