@@ -8,7 +8,9 @@ import collections
 import logging
 import warnings
 
+import numpy as np
 import onnx
+import onnx.numpy_helper
 import torch
 from onnxscript import opset18 as op18
 from onnxscript import opset23 as op23
@@ -132,19 +134,32 @@ def export_graph(model: EncoderDecoder, arch: ArchitectureSpec, spec: GraphSpec,
     want = [t.name for t in spec.inputs], [t.name for t in spec.outputs]
     if got != want:
         raise RuntimeError(f"{spec.name}: exported graph has inputs/outputs {got}, spec says {want}")
-    return add_top_k(proto) if spec.name == "decoder_step" and fused else proto
+    return add_search_outputs(proto) if spec.name == "decoder_step" and fused else proto
 
 
-def add_top_k(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """Append TopK over the step's log-probabilities: inputs `k` (1,) int64, outputs
-    `top_log_probs` and `top_ids` (batch, k), best first. Beam search then reads k candidates
-    per row instead of copying out and sorting a (batch, vocab) array every step."""
-    graph = proto.graph
-    graph.input.append(onnx.helper.make_tensor_value_info("k", onnx.TensorProto.INT64, [1]))
-    graph.node.append(onnx.helper.make_node("TopK", ["log_probs", "k"], ["top_log_probs", "top_ids"],
-                                            name="top_k", axis=-1, largest=1, sorted=1))
-    graph.output.append(onnx.helper.make_tensor_value_info("top_log_probs", onnx.TensorProto.FLOAT, ["batch", "k"]))
-    graph.output.append(onnx.helper.make_tensor_value_info("top_ids", onnx.TensorProto.INT64, ["batch", "k"]))
+def add_search_outputs(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Append what a search needs from the step's log-probabilities, so that it never copies
+    out a (batch, vocab) array:
+        inputs  `k` (1,) int64, `forced` (batch,) int64
+        outputs `top_log_probs`, `top_ids` (batch, k): the k best, best first (TopK);
+                `forced_log_probs` (batch,): the log-probability of each row's `forced` token,
+                for decoding a given target prefix."""
+    graph, INT64, FLOAT = proto.graph, onnx.TensorProto.INT64, onnx.TensorProto.FLOAT
+    graph.input.append(onnx.helper.make_tensor_value_info("k", INT64, [1]))
+    graph.input.append(onnx.helper.make_tensor_value_info("forced", INT64, ["batch"]))
+    graph.initializer.append(onnx.numpy_helper.from_array(np.array([1], dtype=np.int64), "search_axis_1"))
+    graph.node.extend([
+        onnx.helper.make_node("TopK", ["log_probs", "k"], ["top_log_probs", "top_ids"], name="top_k",
+                              axis=-1, largest=1, sorted=1),
+        onnx.helper.make_node("Unsqueeze", ["forced", "search_axis_1"], ["forced_column"], name="forced_column"),
+        onnx.helper.make_node("GatherElements", ["log_probs", "forced_column"], ["forced_log_probs_column"],
+                              name="forced_gather", axis=1),
+        onnx.helper.make_node("Squeeze", ["forced_log_probs_column", "search_axis_1"], ["forced_log_probs"],
+                              name="forced_squeeze"),
+    ])
+    graph.output.append(onnx.helper.make_tensor_value_info("top_log_probs", FLOAT, ["batch", "k"]))
+    graph.output.append(onnx.helper.make_tensor_value_info("top_ids", INT64, ["batch", "k"]))
+    graph.output.append(onnx.helper.make_tensor_value_info("forced_log_probs", FLOAT, ["batch"]))
     return proto
 
 

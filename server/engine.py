@@ -94,7 +94,7 @@ class Engine:
         self.dynamic_names = [t["name"] for t in self.dynamic]
         self.dynamic_from_encoder = state["dynamic_from_encoder"]
         self.encoder_outputs = [o.name for o in self.encoder.get_outputs()]
-        self.step_outputs = ["top_log_probs", "top_ids", "attention"] + [f"new_{n}" for n in self.dynamic_names]
+        self.step_outputs = ["top_log_probs", "top_ids", "forced_log_probs", "attention"] + [f"new_{n}" for n in self.dynamic_names]
         self.vocab_size = manifest["vocab_size"]
         self.device_type = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
         ids = manifest["special_ids"]
@@ -122,27 +122,45 @@ class Engine:
     def _ort_value(self, array: np.ndarray) -> ort.OrtValue:
         return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device_type, 0)
 
-    def _step(self, state: "_DecoderState", prev: np.ndarray, k: int, no_eos: bool, want_alignment: bool):
+    def _step(self, state: "_DecoderState", prev: np.ndarray, k: int, no_eos: bool, want_alignment: bool,
+              forced: np.ndarray | None = None):
         """One decoder step: the k best (log-prob, token) of every row, best first, ties to the
-        lower token id (EOS excluded while no_eos), and the alignment if wanted."""
+        lower token id (EOS excluded while no_eos), and the alignment if wanted. Rows whose
+        `forced` token is not PAD get that token as their only candidate (a target prefix)."""
         feed = {"prev": ort.OrtValue.ortvalue_from_numpy(prev), "origin": ort.OrtValue.ortvalue_from_numpy(state.origin),
                 "k": ort.OrtValue.ortvalue_from_numpy(np.array([k + no_eos], dtype=np.int64)),
+                "forced": ort.OrtValue.ortvalue_from_numpy(forced if forced is not None else np.zeros_like(prev)),
                 **state.static, **state.dynamic}
-        top_log_probs, top_ids, alignment, *new = self.step.run_with_ort_values(self.step_outputs, feed)
+        top_log_probs, top_ids, forced_log_probs, alignment, *new = self.step.run_with_ort_values(self.step_outputs, feed)
         state.stepped(dict(zip(self.dynamic_names, new)), len(prev))
         top_log_probs, top_ids = top_log_probs.numpy(), top_ids.numpy()
         if no_eos:
             top_log_probs[top_ids == self.eos] = -np.inf
             order = np.argsort(-top_log_probs, axis=1, kind="stable")[:, :k]
             top_log_probs, top_ids = np.take_along_axis(top_log_probs, order, 1), np.take_along_axis(top_ids, order, 1)
+        if forced is not None:
+            rows = forced != self.pad
+            top_log_probs[rows] = -np.inf
+            top_log_probs[rows, 0] = forced_log_probs.numpy()[rows]
+            top_ids[rows, 0] = forced[rows]
         return top_log_probs, top_ids, alignment.numpy() if want_alignment else None
 
-    def _limits(self, src: np.ndarray, opts: TranslationOptions) -> np.ndarray:
-        """Per-sentence max target length, computed as model/decode.py does (float32, truncated)."""
+    def _forced(self, prefixes: list[list[int]] | None, rows: np.ndarray, step: int) -> np.ndarray | None:
+        """The prefix token each row must take at this step (PAD: none), or None if no row has one."""
+        if prefixes is None or step >= max((len(p) for p in prefixes), default=0):
+            return None
+        return np.array([prefixes[r][step] if step < len(prefixes[r]) else self.pad for r in rows], dtype=np.int64)
+
+    def _limits(self, src: np.ndarray, opts: TranslationOptions, prefixes: list[list[int]] | None) -> np.ndarray:
+        """Per-sentence max target length, computed as model/decode.py does (float32, truncated),
+        and never shorter than a target prefix plus one token."""
         a = self.default_max_len_a if opts.max_len_a is None else opts.max_len_a
         b = self.default_max_len_b if opts.max_len_b is None else opts.max_len_b
         lengths = (src != self.pad).sum(1).astype(np.float32)
-        return np.minimum((np.float32(a) * lengths + np.float32(b)).astype(np.int64), self.max_len - 1)
+        limits = np.minimum((np.float32(a) * lengths + np.float32(b)).astype(np.int64), self.max_len - 1)
+        if prefixes is not None:
+            limits = np.maximum(limits, np.array([min(len(p) + 1, self.max_len - 1) for p in prefixes]))
+        return limits
 
     @staticmethod
     def _normalise(score: float, length: int, alpha: float) -> float:
@@ -151,11 +169,11 @@ class Engine:
 
     # -- search ------------------------------------------------------------------------------
 
-    def greedy(self, src: np.ndarray, opts: TranslationOptions) -> list[list[Hypothesis]]:
+    def greedy(self, src: np.ndarray, opts: TranslationOptions, prefixes: list[list[int]] | None = None) -> list[list[Hypothesis]]:
         """src (B, S) int64, PAD-padded, rows ending in EOS. Finished rows leave the batch."""
         B = src.shape[0]
         state = _DecoderState(self, self.encode(src))
-        limits = self._limits(src, opts)
+        limits = self._limits(src, opts, prefixes)
         rows = np.arange(B)  # original row of each active row
         prev = np.full(B, self.bos, dtype=np.int64)
         tokens: list[list[int]] = [[] for _ in range(B)]
@@ -163,7 +181,8 @@ class Engine:
         alignments: list[list[list[float]]] = [[] for _ in range(B)]
         done = np.zeros(B, dtype=bool)  # per active row; done rows are dropped in bulk
         for step in range(int(limits.max())):
-            top_log_probs, top_ids, alignment = self._step(state, prev, 1, step < opts.min_length, opts.return_alignment)
+            top_log_probs, top_ids, alignment = self._step(state, prev, 1, step < opts.min_length, opts.return_alignment,
+                                                           self._forced(prefixes, rows, step))
             prev = top_ids[:, 0]
             scores[rows] += np.where(done, 0.0, top_log_probs[:, 0])
             for i in np.flatnonzero(~done).tolist():
@@ -186,13 +205,13 @@ class Engine:
             results.append([Hypothesis(body, score, alignments[row] if opts.return_alignment else None)])
         return results
 
-    def beam_search(self, src: np.ndarray, opts: TranslationOptions) -> list[list[Hypothesis]]:
+    def beam_search(self, src: np.ndarray, opts: TranslationOptions, prefixes: list[list[int]] | None = None) -> list[list[Hypothesis]]:
         """The beam of model/decode.py: 2K best continuations a step, an EOS among the first K
         finishes a hypothesis, the K best others go on; a sentence is done with K finished
         hypotheses or at its length limit, and leaves the batch (in bulk, see COMPACT_FRACTION)."""
         B, K = src.shape[0], opts.beam_size
         state = _DecoderState(self, {name: np.repeat(value, K, axis=0) for name, value in self.encode(src).items()})
-        limits = self._limits(src, opts)
+        limits = self._limits(src, opts, prefixes)
         sentences = np.arange(B)  # original sentence of each active sentence
         closed = np.zeros(B, dtype=bool)  # per active sentence: done, waiting to leave the batch
         prev = np.full(B * K, self.bos, dtype=np.int64)
@@ -206,7 +225,9 @@ class Engine:
         for step in range(int(limits.max())):
             n = len(sentences)
             # The 2K best continuations of each beam contain the 2K best of the sentence.
-            top_log_probs, top_ids, alignment = self._step(state, prev, 2 * K, step < opts.min_length, opts.return_alignment)
+            forced = self._forced(prefixes, np.repeat(sentences, K), step)
+            top_log_probs, top_ids, alignment = self._step(state, prev, 2 * K, step < opts.min_length,
+                                                           opts.return_alignment, forced)
             if opts.return_alignment:
                 attention_history.append(alignment)
             candidates = (scores.reshape(n * K, 1) + top_log_probs).reshape(n, 2 * K * K)
@@ -253,11 +274,18 @@ class Engine:
     # -- batching and text -------------------------------------------------------------------
 
     def translate_ids(self, sources: Sequence[list[int]], opts: TranslationOptions | None = None,
-                      max_batch_tokens: int = 4096, max_batch_sentences: int = 64) -> list[list[Hypothesis]]:
+                      max_batch_tokens: int = 4096, max_batch_sentences: int = 64,
+                      prefixes: Sequence[list[int]] | None = None) -> list[list[Hypothesis]]:
         """Sources (ids ending in EOS) in length-sorted batches of at most max_batch_tokens padded
-        source tokens; results in input order."""
+        source tokens; results in input order. A target prefix (ids, no BOS/EOS) per source, if
+        given, is forced at the start of every hypothesis."""
         opts = opts or TranslationOptions()
         opts.validate()
+        if prefixes is not None:
+            if len(prefixes) != len(sources):
+                raise ValueError(f"{len(prefixes)} target prefixes for {len(sources)} sources")
+            if any(self.eos in p or self.pad in p or len(p) >= self.max_len - 1 for p in prefixes):
+                raise ValueError(f"a target prefix may not contain EOS or PAD, nor exceed {self.max_len - 2} tokens")
         search = self.greedy if opts.beam_size == 1 and opts.nbest == 1 else self.beam_search
         order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
         results: list[list[Hypothesis]] = [[] for _ in sources]
@@ -271,7 +299,8 @@ class Engine:
             src = np.full((len(batch), len(sources[batch[-1]])), self.pad, dtype=np.int64)
             for row, i in enumerate(batch):
                 src[row, : len(sources[i])] = sources[i]
-            for i, hyps in zip(batch, search(src, opts)):
+            batch_prefixes = [list(prefixes[i]) for i in batch] if prefixes is not None else None
+            for i, hyps in zip(batch, search(src, opts, batch_prefixes)):
                 results[i] = hyps
             start = end
         return results
@@ -279,8 +308,10 @@ class Engine:
     def encode_texts(self, texts: Sequence[str]) -> list[list[int]]:
         return [ids[: self.max_len - 1] + [self.eos] for ids in self.tokenizer.encode(list(texts))]
 
-    def translate(self, texts: Sequence[str], opts: TranslationOptions | None = None, **batching) -> list[list[Hypothesis]]:
-        results = self.translate_ids(self.encode_texts(texts), opts, **batching)
+    def translate(self, texts: Sequence[str], opts: TranslationOptions | None = None,
+                  prefixes: Sequence[str] | None = None, **batching) -> list[list[Hypothesis]]:
+        prefix_ids = self.tokenizer.encode(list(prefixes)) if prefixes is not None else None
+        results = self.translate_ids(self.encode_texts(texts), opts, prefixes=prefix_ids, **batching)
         for hyps in results:
             for hyp, text in zip(hyps, self.tokenizer.decode([h.tokens for h in hyps])):
                 hyp.text = text

@@ -82,3 +82,27 @@ def test_empty_and_unknown_input(bundles) -> None:
     out = engine.translate(["", "ᚠᚢᚦᚨᚱᚲ ☃ 🐈"], TranslationOptions(beam_size=2))
     assert len(out) == 2 and all(isinstance(h[0].text, str) for h in out)
     assert engine.translate([]) == []
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_target_prefix_is_forced_and_consistent(bundles, beam: int) -> None:
+    engine = Engine(load_bundle(bundles["transformer"]), "fp32", device="cpu")
+    sources = ["the red cat sees the dog", "the old house has the big green car", "the book likes the tree"]
+    opts = TranslationOptions(beam_size=beam)
+    free = engine.translate(sources, opts)
+    ids = engine.encode_texts(sources)
+    # A prefix the model would choose anyway changes nothing (greedy: same path, same score).
+    own = [h[0].tokens[:2] for h in free]
+    again = engine.translate_ids(ids, opts, prefixes=own)
+    if beam == 1:
+        assert [h[0].tokens for h in again] == [h[0].tokens for h in free]
+        assert [h[0].score for h in again] == pytest.approx([h[0].score for h in free], abs=1e-5)
+    # Any other prefix starts every hypothesis; prefixes of different lengths share a batch.
+    forced = [engine.tokenizer.encode("maison")[:3], [], engine.tokenizer.encode("le livre vert")]
+    out = engine.translate_ids(ids, TranslationOptions(beam_size=beam, nbest=beam), prefixes=forced)
+    for prefix, hyps in zip(forced, out):
+        assert all(h.tokens[: len(prefix)] == prefix and len(h.tokens) > len(prefix) - 1 for h in hyps)
+    with pytest.raises(ValueError, match="prefix"):
+        engine.translate_ids(ids[:1], opts, prefixes=[[engine.eos]])
+    with pytest.raises(ValueError, match="prefixes for"):
+        engine.translate_ids(ids, opts, prefixes=[[]])
