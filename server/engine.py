@@ -21,7 +21,7 @@ import numpy as np
 import onnxruntime as ort
 import sentencepiece as spm
 
-from server.bundle import Bundle
+from server.bundle import Bundle, BundleError
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +83,12 @@ class Engine:
         manifest = bundle.manifest
         providers = choose_providers(device)
         options = session_options(threads)
-        self.encoder = ort.InferenceSession(str(bundle.graph_path(precision, "encoder")), options, providers=providers)
-        self.step = ort.InferenceSession(str(bundle.graph_path(precision, "decoder_step")), options, providers=providers)
+        try:
+            self.encoder = ort.InferenceSession(str(bundle.graph_path(precision, "encoder")), options, providers=providers)
+            self.step = ort.InferenceSession(str(bundle.graph_path(precision, "decoder_step")), options, providers=providers)
+        except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidArgument,
+                ort.capi.onnxruntime_pybind11_state.InvalidGraph) as exc:
+            raise BundleError(f"{bundle.path}: onnxruntime cannot load its {precision} graphs: {exc}") from exc
         self.provider = self.step.get_providers()[0]
         log.info("loaded %s (%s) on %s", bundle.path, precision, self.provider)
         self.tokenizer = spm.SentencePieceProcessor(model_file=str(bundle.tokenizer_path))
@@ -95,6 +99,11 @@ class Engine:
         self.dynamic_from_encoder = state["dynamic_from_encoder"]
         self.encoder_outputs = [o.name for o in self.encoder.get_outputs()]
         self.step_outputs = ["top_log_probs", "top_ids", "forced_log_probs", "attention"] + [f"new_{n}" for n in self.dynamic_names]
+        missing = ({"prev", "origin", "k", "forced", *self.static, *self.dynamic_names} - {i.name for i in self.step.get_inputs()}
+                   | set(self.step_outputs) - {o.name for o in self.step.get_outputs()})
+        if missing:
+            raise BundleError(f"{bundle.path}: the decoder_step graph lacks {sorted(missing)}; "
+                              "it was exported by another version: export it again")
         self.vocab_size = manifest["vocab_size"]
         self.device_type = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
         ids = manifest["special_ids"]

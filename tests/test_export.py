@@ -86,3 +86,23 @@ def test_bad_checkpoints_write_nothing(trained: dict[str, Path], tmp_path: Path)
     assert main(["export", str(run), "--out", str(tmp_path / "repo/m/1")]) == 2
     assert not (tmp_path / "repo/m/1").exists()
     assert not [p for p in (tmp_path / "repo/m").glob("*")] if (tmp_path / "repo/m").exists() else True
+
+
+def test_engine_refuses_a_bundle_from_another_export_version(bundles, tmp_path: Path) -> None:
+    """A bundle whose step graph lacks what this engine feeds is refused at load, not mid-run."""
+    from server.bundle import sha256_file
+
+    copy = tmp_path / "old"
+    shutil.copytree(bundles["bahdanau"], copy)
+    graph = onnx.load(str(copy / "fp32/decoder_step.onnx"))
+    forced = [i for i in graph.graph.input if i.name == "forced"][0]
+    graph.graph.input.remove(forced)
+    for node in [n for n in graph.graph.node if n.name in ("forced_column", "forced_gather", "forced_squeeze")]:
+        graph.graph.node.remove(node)
+    graph.graph.output.remove([o for o in graph.graph.output if o.name == "forced_log_probs"][0])
+    onnx.save(graph, str(copy / "fp32/decoder_step.onnx"))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["files"]["fp32/decoder_step.onnx"] = sha256_file(copy / "fp32/decoder_step.onnx")
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="lacks .*forced.*export it again"):
+        Engine(load_bundle(copy), "fp32", device="cpu")
