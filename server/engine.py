@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -69,11 +70,16 @@ def session_options(threads: int = 0) -> ort.SessionOptions:
 
 
 def choose_providers(device: str = "auto") -> list[str]:
+    """CUDA when asked for (or, with "auto", when this onnxruntime has it and the machine has an
+    NVIDIA device), else CPU. onnxruntime-gpu lists CUDAExecutionProvider even on machines
+    without a GPU and then logs errors falling back, hence the device check."""
     available = ort.get_available_providers()
-    if device in ("auto", "cuda") and "CUDAExecutionProvider" in available:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    if device == "cuda":
-        raise RuntimeError(f"CUDA requested but onnxruntime offers only {available}")
+    has_gpu = Path("/dev/nvidiactl").exists() or Path("/dev/dxg").exists()
+    if device == "cuda" or (device == "auto" and has_gpu):
+        if "CUDAExecutionProvider" in available:
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        if device == "cuda":
+            raise RuntimeError(f"CUDA requested but onnxruntime offers only {available}")
     return ["CPUExecutionProvider"]
 
 
