@@ -96,6 +96,8 @@ class Engine:
                 ort.capi.onnxruntime_pybind11_state.InvalidGraph) as exc:
             raise BundleError(f"{bundle.path}: onnxruntime cannot load its {precision} graphs: {exc}") from exc
         self.provider = self.step.get_providers()[0]
+        if device == "cuda" and self.provider != "CUDAExecutionProvider":
+            raise RuntimeError("CUDA requested but onnxruntime could not create the CUDA provider (see its log above)")
         log.info("loaded %s (%s) on %s", bundle.path, precision, self.provider)
         self.tokenizer = spm.SentencePieceProcessor(model_file=str(bundle.tokenizer_path))
         state = manifest["state"]
