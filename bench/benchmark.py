@@ -71,7 +71,7 @@ def make_decoder(engine: str, run_dir: Path, bundle_dir: Path, workdir: Path, th
         vocab = ct2.read_vocabulary(model_dir)
         max_len = read_config(run_dir).model.max_len
         # Timed in CTranslate2's own fastest mode (one call per batch, no per-step callback);
-        # ct2.translate_ids, the token-exact variant, is what bench/ct2.py's parity check uses.
+        # ct2.translate, the token-exact variant, is what bench/ct2.py's parity check uses.
         # Source ids go without EOS: CTranslate2's wrapper appends it.
         return lambda batch: ct2.translate_ids_native(translator, [ids[:-1] for ids in batch], vocab, beam_size=beam,
                                                       max_len=max_len)

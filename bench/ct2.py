@@ -264,26 +264,6 @@ def translate(
     return [results[i] for i in range(len(sources))]
 
 
-def translate_ids(
-    translator: ctranslate2.Translator,
-    sources: list[list[int]],
-    vocab: list[str],
-    beam_size: int = 1,
-    length_penalty: float = DecodeOptions.length_penalty,
-    max_batch_size: int = 32,
-    *,
-    max_len: int,
-    max_len_a: float = DecodeOptions.max_len_a,
-    max_len_b: int = DecodeOptions.max_len_b,
-) -> list[list[int]]:
-    """Token ids in (spm ids without EOS), token ids out (without BOS/EOS); see `translate`."""
-    hyps = translate(
-        translator, sources, vocab, beam_size, length_penalty, max_batch_size,
-        max_len=max_len, max_len_a=max_len_a, max_len_b=max_len_b,
-    )
-    return [h.tokens for h in hyps]
-
-
 def translate_ids_native(
     translator: ctranslate2.Translator,
     sources: list[list[int]],
