@@ -1,8 +1,8 @@
 """Reference decoding in torch: greedy and beam search over any EncoderDecoder.
 
 This is the reference the ONNX engine must reproduce token for token, so it is written plainly:
-one decode_step per target position for the whole batch, log-softmax scores, and beams whose
-finished hypotheses keep their score and stay in the beam until every beam has finished.
+one decode_step per target position for the whole batch, log-softmax scores, per-sentence
+length limits, and the usual NMT beam (finished hypotheses leave the beam; see beam_search).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ keys/values, or the RNN memory and its attention-key projection); the step graph
 per target position with the dynamic state (self-attention cache or RNN hidden state).
 
 Greedy and beam search follow model/decode.py's rules exactly (per-sentence length limits,
-finished beams kept with their score, GNMT length penalty at the end), so fp32 output is
+finished hypotheses leave the beam, GNMT length penalty on finished ones), so fp32 output is
 token-identical to the torch reference. Unlike the reference, finished sentences leave the
 batch, and beams only reorder the dynamic state (the static state is the same for every beam
 of a sentence).
