@@ -26,7 +26,7 @@ import torch
 
 from export.graphs import example_inputs, export_graph, node_types
 from export.specs import IR_VERSION, OPSET, ArchitectureSpec, architecture_spec
-from export.validate import ExportValidationError, validate_precision
+from export.validate import ExportValidationError, TorchReference, validate_precision
 from model.checkpoint import FORMAT_VERSION, load_model, read_config
 from model.decode import DecodeOptions
 from model.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
@@ -187,8 +187,9 @@ def _build(model, tokenizer, config, arch: ArchitectureSpec, run_dir: Path, work
                      "attnserve": importlib.metadata.version("attnserve")},
     }
     failures: list[str] = []
+    reference = TorchReference(model, tokenizer, config, validation_sentences)
     for precision in precisions:
-        report = validate_precision(model, tokenizer, config, arch, work, manifest, precision, validation_sentences)
+        report = validate_precision(reference, arch, work, manifest, precision)
         graphs[precision]["validation"] = report.results
         failures += [f"{precision}: {f}" for f in report.failures]
     if failures:

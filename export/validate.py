@@ -90,19 +90,45 @@ def step_parity(model, engine: Engine, arch: ArchitectureSpec, src: torch.Tensor
     return worst_abs, worst_rel
 
 
-def validate_precision(model, tokenizer, config, arch: ArchitectureSpec, work: Path, manifest: dict, precision: str,
-                       sentences: int = 0) -> ValidationReport:
+class TorchReference:
+    """The dev/test splits and the torch model's decoding of them, computed once per export and
+    shared by every precision's validation (torch decoding is the slow part of validation)."""
+
+    def __init__(self, model, tokenizer, config, sentences: int = 0):
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.data_dir = Path(config.train.data_dir)
+        splits = {}
+        for name in ("dev", "test"):
+            path = self.data_dir / f"{name}.tsv"
+            rows = load_tsv(path) if path.is_file() else []
+            splits[name] = rows[:sentences] if sentences else rows
+        self.dev, self.test = splits["dev"], splits["test"]
+        self._tokens: dict[tuple[str, int], list[list[int]]] = {}
+
+    def tokens(self, split: str, beam_size: int = 1) -> list[list[int]]:
+        """Best hypothesis of each source of the split, decoded by torch (cached)."""
+        key = (split, beam_size)
+        if key not in self._tokens:
+            sources = [s for s, _ in getattr(self, split)]
+            hyps = translate_texts(self.model, self.tokenizer, sources, DecodeOptions(beam_size=beam_size))
+            self._tokens[key] = [h[0].tokens for h in hyps]
+        return self._tokens[key]
+
+
+def _share_identical(reference: list[list[int]], engine: Engine, rows, opts: TranslationOptions) -> float:
+    onnx_tokens = [h[0].tokens for h in engine.translate_ids(engine.encode_texts([s for s, _ in rows]), opts)]
+    return sum(a == b for a, b in zip(reference, onnx_tokens)) / len(rows)
+
+
+def validate_precision(reference: TorchReference, arch: ArchitectureSpec, work: Path, manifest: dict,
+                       precision: str) -> ValidationReport:
     report = ValidationReport()
+    model, config, dev, test = reference.model, reference.config, reference.dev, reference.test
     # fp16 is meant for CUDA; where there is none, its numerics are checked on the CPU provider
     # (the manifest records which one).
     device = "auto" if precision == "fp16" else "cpu"
     engine = Engine(Bundle(work, manifest), precision, device=device, threads=0)
     report.results["provider"] = engine.step.get_providers()[0]
-    data_dir = Path(config.train.data_dir)
-    dev = load_tsv(data_dir / "dev.tsv") if (data_dir / "dev.tsv").is_file() else []
-    test = load_tsv(data_dir / "test.tsv") if (data_dir / "test.tsv").is_file() else []
-    if sentences:
-        dev, test = dev[:sentences], test[:sentences]
 
     # 1. Step parity on random and real inputs.
     g = torch.Generator().manual_seed(1)
@@ -125,27 +151,21 @@ def validate_precision(model, tokenizer, config, arch: ArchitectureSpec, work: P
 
     # 2. Greedy decoding: tokens identical to torch on the dev split.
     if not dev:
-        report.failures.append(f"no dev split in {data_dir} to validate greedy decoding on")
+        report.failures.append(f"no dev split in {reference.data_dir} to validate greedy decoding on")
         return report
-    reference = [h[0].tokens for h in translate_texts(model, tokenizer, [s for s, _ in dev])]
-    onnx_tokens = [h[0].tokens for h in engine.translate_ids(engine.encode_texts([s for s, _ in dev]))]
-    identical = sum(a == b for a, b in zip(reference, onnx_tokens)) / len(dev)
+    identical = _share_identical(reference.tokens("dev"), engine, dev, TranslationOptions())
     report.results["dev_sentences"] = len(dev)
     report.results["greedy_identical"] = round(identical, 4)
     if precision == "fp32" and identical < 1.0:
         report.failures.append(f"greedy tokens identical on {identical:.2%} of {len(dev)} dev sentences, need 100%")
     if precision == "fp32":  # beam search too: the engine must reproduce the reference exactly
-        beam = DecodeOptions(beam_size=BEAM_CHECK)
-        reference = [h[0].tokens for h in translate_texts(model, tokenizer, [s for s, _ in dev], beam)]
-        onnx_tokens = [h[0].tokens for h in engine.translate_ids(engine.encode_texts([s for s, _ in dev]),
-                                                                  TranslationOptions(beam_size=BEAM_CHECK))]
-        identical = sum(a == b for a, b in zip(reference, onnx_tokens)) / len(dev)
+        identical = _share_identical(reference.tokens("dev", BEAM_CHECK), engine, dev, TranslationOptions(beam_size=BEAM_CHECK))
         report.results[f"beam{BEAM_CHECK}_identical"] = round(identical, 4)
         if identical < 1.0:
             report.failures.append(f"beam-{BEAM_CHECK} tokens identical on {identical:.2%} of {len(dev)} dev sentences, need 100%")
     if precision != "fp32" and test:
         sources, references = [s for s, _ in test], [t for _, t in test]
-        torch_hyps = tokenizer.decode([h[0].tokens for h in translate_texts(model, tokenizer, sources)])
+        torch_hyps = reference.tokenizer.decode(reference.tokens("test"))
         onnx_hyps = engine.translate_text(sources)
         torch_bleu = sacrebleu.corpus_bleu(torch_hyps, [references]).score
         onnx_bleu = sacrebleu.corpus_bleu(onnx_hyps, [references]).score
