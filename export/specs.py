@@ -91,8 +91,9 @@ def architecture_spec(model: EncoderDecoder) -> ArchitectureSpec:
                       for i in range(cfg.dec_layers) for kv in "kv")
         cache = tuple(TensorSpec(f"self_{kv}{i}", "float32", ("batch", cfg.n_heads, "past", head_dim))
                       for i in range(cfg.dec_layers) for kv in "kv")
+        positions = (TensorSpec("tgt_pos", "int64", ("batch",)), TensorSpec("self_mask", "bool", ("batch", "past")))
         return ArchitectureSpec("transformer", (TensorSpec("src_mask", "bool", ("batch", "src_len")),) + cross,
-                                cache, dynamic_from_encoder=False)
+                                cache + positions, dynamic_from_encoder=False)
     if cfg.arch == "rnn":
         keys_dim = model.decoder.attention.project_keys(_probe(model)).size(-1)
         static = (

@@ -74,10 +74,10 @@ class DecoderLayer(nn.Module):
         self.ff = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, self_kv, cross_kv, memory_mask, causal, need_weights=False):
+    def forward(self, x, self_kv, cross_kv, memory_mask, causal, need_weights=False, self_mask=None):
         # x (B, T, C); self_kv: keys/values of all target positions so far, 2 x (B, H, T', Dh)
-        # cross_kv: 2 x (B, H, S, Dh); memory_mask (B, 1, 1, S)
-        x = x + self.dropout(self.self_attn(self.ln1(x), *self_kv, causal=causal)[0])
+        # cross_kv: 2 x (B, H, S, Dh); memory_mask (B, 1, 1, S); self_mask (B, 1, 1, T') or None
+        x = x + self.dropout(self.self_attn(self.ln1(x), *self_kv, self_mask, causal=causal)[0])
         y, weights = self.cross_attn(self.ln2(x), *cross_kv, memory_mask, need_weights=need_weights)
         x = x + self.dropout(y)
         return x + self.dropout(self.ff(self.ln3(x))), weights
@@ -117,13 +117,19 @@ class Transformer(EncoderDecoder):
             state[f"cross_k{i}"], state[f"cross_v{i}"] = layer.cross_attn.project_kv(memory)  # once
             empty = memory.new_zeros(B, H, 0, self.config.d_model // H)
             state[f"self_k{i}"], state[f"self_v{i}"] = empty, empty
+        # Each row carries its own target position and a mask over its cache entries, so rows
+        # that started decoding at different times can share a batch (continuous batching): a
+        # row that joins late has its cache padded on the left with masked-out entries.
+        state["tgt_pos"] = torch.zeros(B, dtype=torch.long, device=src.device)  # (B,)
+        state["self_mask"] = torch.zeros(B, 0, dtype=torch.bool, device=src.device)  # (B, T')
         return state
 
     def decode_step(self, prev: torch.Tensor, state: State) -> tuple[torch.Tensor, State, torch.Tensor]:
-        step = state["self_k0"].size(2)  # how many target positions are cached
-        x = self.embed(prev.unsqueeze(1), step)  # (B, 1, C)
+        position = state["tgt_pos"]  # (B,) target position of each row
+        x = self.dropout(self.embedding(prev) * self.scale + self.positions.pe[position]).unsqueeze(1)  # (B, 1, C)
         mask = state["src_mask"][:, None, None, :]
-        new_state: State = {"src_mask": state["src_mask"]}
+        self_mask = torch.cat([state["self_mask"], torch.ones_like(prev, dtype=torch.bool)[:, None]], dim=1)  # (B, t+1)
+        new_state: State = {"src_mask": state["src_mask"], "tgt_pos": position + 1, "self_mask": self_mask}
         weights = None
         for i, layer in enumerate(self.decoder_layers):
             k_new, v_new = layer.self_attn.project_kv(layer.ln1(x))
@@ -131,7 +137,7 @@ class Transformer(EncoderDecoder):
             v = torch.cat([state[f"self_v{i}"], v_new], dim=2)
             cross = (state[f"cross_k{i}"], state[f"cross_v{i}"])
             last = i == len(self.decoder_layers) - 1
-            x, weights = layer(x, (k, v), cross, mask, causal=False, need_weights=last)
+            x, weights = layer(x, (k, v), cross, mask, causal=False, need_weights=last, self_mask=self_mask[:, None, None, :])
             new_state.update({f"self_k{i}": k, f"self_v{i}": v, f"cross_k{i}": cross[0], f"cross_v{i}": cross[1]})
         logits = F.linear(self.decoder_norm(x[:, 0]), self.embedding.weight)  # (B, V)
         return logits, new_state, weights.mean(1)[:, 0]  # alignment: heads averaged (B, S)
