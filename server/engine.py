@@ -17,6 +17,7 @@ import dataclasses
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -105,6 +106,11 @@ class Engine:
         self.dynamic = state["dynamic"]
         self.dynamic_names = [t["name"] for t in self.dynamic]
         self.dynamic_from_encoder = state["dynamic_from_encoder"]
+        # Which axis of each state tensor runs over source positions (padded on the right when
+        # sentences of different lengths share a batch) or over cached target steps (padded on
+        # the left, masked out, when a sentence joins a batch that has already taken steps).
+        self.source_axis = {t["name"]: t["shape"].index("src_len") for t in state["static"] if "src_len" in t["shape"]}
+        self.past_axis = {t["name"]: t["shape"].index("past") for t in self.dynamic if "past" in t["shape"]}
         self.encoder_outputs = [o.name for o in self.encoder.get_outputs()]
         self.step_outputs = ["top_log_probs", "top_ids", "forced_log_probs", "attention"] + [f"new_{n}" for n in self.dynamic_names]
         missing = ({"prev", "origin", "k", "forced", *self.static, *self.dynamic_names} - {i.name for i in self.step.get_inputs()}
@@ -139,20 +145,22 @@ class Engine:
     def _ort_value(self, array: np.ndarray) -> ort.OrtValue:
         return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device_type, 0)
 
-    def _step(self, state: "_DecoderState", prev: np.ndarray, k: int, no_eos: bool, want_alignment: bool,
+    def _step(self, state: "_DecoderState", prev: np.ndarray, k: int, no_eos: np.ndarray | None, want_alignment: bool,
               forced: np.ndarray | None = None):
         """One decoder step: the k best (log-prob, token) of every row, best first, ties to the
-        lower token id (EOS excluded while no_eos), and the alignment if wanted. Rows whose
-        `forced` token is not PAD get that token as their only candidate (a target prefix)."""
+        lower token id (EOS excluded on the rows where no_eos is set), and the alignment if
+        wanted. Rows whose `forced` token is not PAD get that token as their only candidate (a
+        target prefix)."""
+        extra = int(no_eos is not None and no_eos.any())  # one more candidate replaces a dropped EOS
         feed = {"prev": ort.OrtValue.ortvalue_from_numpy(prev), "origin": ort.OrtValue.ortvalue_from_numpy(state.origin),
-                "k": ort.OrtValue.ortvalue_from_numpy(np.array([k + no_eos], dtype=np.int64)),
+                "k": ort.OrtValue.ortvalue_from_numpy(np.array([k + extra], dtype=np.int64)),
                 "forced": ort.OrtValue.ortvalue_from_numpy(forced if forced is not None else np.zeros_like(prev)),
                 **state.static, **state.dynamic}
         top_log_probs, top_ids, forced_log_probs, alignment, *new = self.step.run_with_ort_values(self.step_outputs, feed)
         state.stepped(dict(zip(self.dynamic_names, new)), len(prev))
         top_log_probs, top_ids = top_log_probs.numpy(), top_ids.numpy()
-        if no_eos:
-            top_log_probs[top_ids == self.eos] = -np.inf
+        if extra:
+            top_log_probs[no_eos[:, None] & (top_ids == self.eos)] = -np.inf
             order = np.argsort(-top_log_probs, axis=1, kind="stable")[:, :k]
             top_log_probs, top_ids = np.take_along_axis(top_log_probs, order, 1), np.take_along_axis(top_ids, order, 1)
         if forced is not None:
@@ -162,22 +170,14 @@ class Engine:
             top_ids[rows, 0] = forced[rows]
         return top_log_probs, top_ids, alignment.numpy() if want_alignment else None
 
-    def _forced(self, prefixes: list[list[int]] | None, rows: np.ndarray, step: int) -> np.ndarray | None:
-        """The prefix token each row must take at this step (PAD: none), or None if no row has one."""
-        if prefixes is None or step >= max((len(p) for p in prefixes), default=0):
-            return None
-        return np.array([prefixes[r][step] if step < len(prefixes[r]) else self.pad for r in rows], dtype=np.int64)
-
-    def _limits(self, src: np.ndarray, opts: TranslationOptions, prefixes: list[list[int]] | None) -> np.ndarray:
-        """Per-sentence max target length, computed as model/decode.py does (float32, truncated),
-        and never shorter than a target prefix plus one token."""
+    def length_limit(self, source_length: int, opts: TranslationOptions, prefix: list[int] | None) -> int:
+        """Max target length of one sentence (source_length: its ids, EOS included), computed as
+        model/decode.py does (float32, truncated), and never shorter than a target prefix plus
+        one token."""
         a = self.default_max_len_a if opts.max_len_a is None else opts.max_len_a
         b = self.default_max_len_b if opts.max_len_b is None else opts.max_len_b
-        lengths = (src != self.pad).sum(1).astype(np.float32)
-        limits = np.minimum((np.float32(a) * lengths + np.float32(b)).astype(np.int64), self.max_len - 1)
-        if prefixes is not None:
-            limits = np.maximum(limits, np.array([min(len(p) + 1, self.max_len - 1) for p in prefixes]))
-        return limits
+        limit = min(int(np.float32(a) * np.float32(source_length) + np.float32(b)), self.max_len - 1)
+        return max(limit, min(len(prefix) + 1, self.max_len - 1)) if prefix is not None else limit
 
     @staticmethod
     def _normalise(score: float, length: int, alpha: float) -> float:
@@ -186,107 +186,17 @@ class Engine:
 
     # -- search ------------------------------------------------------------------------------
 
-    def greedy(self, src: np.ndarray, opts: TranslationOptions, prefixes: list[list[int]] | None = None) -> list[list[Hypothesis]]:
-        """src (B, S) int64, PAD-padded, rows ending in EOS. Finished rows leave the batch."""
-        B = src.shape[0]
-        state = _DecoderState(self, self.encode(src))
-        limits = self._limits(src, opts, prefixes)
-        rows = np.arange(B)  # original row of each active row
-        prev = np.full(B, self.bos, dtype=np.int64)
-        tokens: list[list[int]] = [[] for _ in range(B)]
-        scores = np.zeros(B, dtype=np.float32)
-        alignments: list[list[list[float]]] = [[] for _ in range(B)]
-        done = np.zeros(B, dtype=bool)  # per active row; done rows are dropped in bulk
-        for step in range(int(limits.max())):
-            top_log_probs, top_ids, alignment = self._step(state, prev, 1, step < opts.min_length, opts.return_alignment,
-                                                           self._forced(prefixes, rows, step))
-            prev = top_ids[:, 0]
-            scores[rows] += np.where(done, 0.0, top_log_probs[:, 0])
-            for i in np.flatnonzero(~done).tolist():
-                tokens[rows[i]].append(int(prev[i]))
-                if opts.return_alignment:
-                    alignments[rows[i]].append(alignment[i].tolist())
-            done |= (prev == self.eos) | (limits[rows] <= step + 1)
-            if done.all():
-                break
-            if done.sum() * COMPACT_FRACTION >= len(rows):
-                keep = np.flatnonzero(~done)
-                rows, prev, done = rows[keep], prev[keep], done[keep]
-                state.keep(keep)
-        results = []
-        for row in range(B):
-            ids = tokens[row]
-            length = len(ids)
-            score = self._normalise(float(scores[row]), length, opts.length_penalty)
-            body = ids[:-1] if ids and ids[-1] == self.eos else ids
-            results.append([Hypothesis(body, score, alignments[row] if opts.return_alignment else None)])
+    def search(self, sources: Sequence[list[int]], opts: TranslationOptions,
+               prefixes: Sequence[list[int]] | None = None) -> list[list[Hypothesis]]:
+        """Decode these sources (ids ending in EOS) as one batch until every one is done."""
+        batch = BeamBatch(self, opts.beam_size, opts.return_alignment)
+        batch.add([SearchItem(list(src), opts, list(prefixes[i]) if prefixes is not None else None, i)
+                   for i, src in enumerate(sources)])
+        results: list[list[Hypothesis]] = [[] for _ in sources]
+        while len(batch):
+            for item, hyps in batch.step():
+                results[item.tag] = hyps
         return results
-
-    def beam_search(self, src: np.ndarray, opts: TranslationOptions, prefixes: list[list[int]] | None = None) -> list[list[Hypothesis]]:
-        """The beam of model/decode.py: 2K best continuations a step, an EOS among the first K
-        finishes a hypothesis, the K best others go on; a sentence is done with K finished
-        hypotheses or at its length limit, and leaves the batch (in bulk, see COMPACT_FRACTION)."""
-        B, K = src.shape[0], opts.beam_size
-        state = _DecoderState(self, {name: np.repeat(value, K, axis=0) for name, value in self.encode(src).items()})
-        limits = self._limits(src, opts, prefixes)
-        sentences = np.arange(B)  # original sentence of each active sentence
-        closed = np.zeros(B, dtype=bool)  # per active sentence: done, waiting to leave the batch
-        prev = np.full(B * K, self.bos, dtype=np.int64)
-        scores = np.full((B, K), -np.inf, dtype=np.float32)
-        scores[:, 0] = 0.0  # only the first beam is alive at the start
-        history = np.zeros((B * K, 0), dtype=np.int64)
-        attention_history: list[np.ndarray] = []  # per step (rows, S), rows follow the beams
-        finished: list[list[Hypothesis]] = [[] for _ in range(B)]
-        beam_of = np.repeat(np.arange(K), 2 * K)[None, :]  # (1, K*2K)
-        positions = np.arange(2 * K)[None, :]
-        for step in range(int(limits.max())):
-            n = len(sentences)
-            # The 2K best continuations of each beam contain the 2K best of the sentence.
-            forced = self._forced(prefixes, np.repeat(sentences, K), step)
-            top_log_probs, top_ids, alignment = self._step(state, prev, 2 * K, step < opts.min_length,
-                                                           opts.return_alignment, forced)
-            if opts.return_alignment:
-                attention_history.append(alignment)
-            candidates = (scores.reshape(n * K, 1) + top_log_probs).reshape(n, 2 * K * K)
-            tokens = top_ids.reshape(n, 2 * K * K)
-            # Best first; ties go to the lower (beam, token) index, as torch.topk over (K * V).
-            order = np.lexsort((beam_of * self.vocab_size + tokens, -candidates), axis=1)[:, : 2 * K]
-            top_scores = np.take_along_axis(candidates, order, 1)
-            top_beam = order // (2 * K)
-            top_token = np.take_along_axis(tokens, order, 1)
-            is_eos = top_token == self.eos
-            for b, j in np.argwhere(is_eos[:, :K] & np.isfinite(top_scores[:, :K]) & ~closed[:, None]):
-                row = b * K + top_beam[b, j]
-                finished[sentences[b]].append(self._hypothesis(history[row], attention_history, row, top_scores[b, j], step + 1, True, opts))
-            pick = np.argsort(np.where(is_eos, positions + 2 * K, positions), axis=1, kind="stable")[:, :K]
-            scores = np.take_along_axis(top_scores, pick, 1)
-            origin = (np.take_along_axis(top_beam, pick, 1) + np.arange(n)[:, None] * K).reshape(-1)
-            prev = np.take_along_axis(top_token, pick, 1).reshape(-1).astype(np.int64)
-            state.reorder(origin)
-            history = np.concatenate([history[origin], prev[:, None]], axis=1)
-            attention_history = [a[origin] for a in attention_history]
-            at_limit = limits[sentences] <= step + 1
-            for b in np.flatnonzero(at_limit & ~closed):  # live hypotheses finish as they are
-                for k in np.flatnonzero(np.isfinite(scores[b])):
-                    finished[sentences[b]].append(self._hypothesis(history[b * K + k], attention_history, b * K + k, scores[b, k], step + 1, False, opts))
-            closed |= at_limit | np.array([len(finished[s]) >= K for s in sentences])
-            if closed.all():
-                break
-            if closed.sum() * COMPACT_FRACTION >= n:
-                keep = np.flatnonzero(~closed)
-                rows = (keep[:, None] * K + np.arange(K)).reshape(-1)
-                sentences, scores, closed = sentences[keep], scores[keep], closed[keep]
-                prev, history = prev[rows], history[rows]
-                attention_history = [a[rows] for a in attention_history]
-                state.keep(rows)
-        return [sorted(hyps, key=lambda h: -h.score)[: opts.nbest] for hyps in finished]
-
-    def _hypothesis(self, row: np.ndarray, attention_history: list[np.ndarray], index: int, score: float,
-                    length: int, ended: bool, opts: TranslationOptions) -> Hypothesis:
-        """A finished hypothesis of `length` target tokens (its EOS included if it ended with
-        one); `row` starts with its tokens; attention_history[t][index] is its alignment at t."""
-        alignment = [attention_history[t][index].tolist() for t in range(length)] if opts.return_alignment else None
-        return Hypothesis(row[: length - ended].tolist(), self._normalise(float(score), length, opts.length_penalty), alignment)
 
     # -- batching and text -------------------------------------------------------------------
 
@@ -303,7 +213,6 @@ class Engine:
                 raise ValueError(f"{len(prefixes)} target prefixes for {len(sources)} sources")
             if any(self.eos in p or self.pad in p or len(p) >= self.max_len - 1 for p in prefixes):
                 raise ValueError(f"a target prefix may not contain EOS or PAD, nor exceed {self.max_len - 2} tokens")
-        search = self.greedy if opts.beam_size == 1 and opts.nbest == 1 else self.beam_search
         order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
         results: list[list[Hypothesis]] = [[] for _ in sources]
         start = 0
@@ -313,11 +222,8 @@ class Engine:
                    and len(sources[order[end]]) * (end - start + 1) * opts.beam_size <= max_batch_tokens):
                 end += 1
             batch = order[start:end]
-            src = np.full((len(batch), len(sources[batch[-1]])), self.pad, dtype=np.int64)
-            for row, i in enumerate(batch):
-                src[row, : len(sources[i])] = sources[i]
-            batch_prefixes = [list(prefixes[i]) for i in batch] if prefixes is not None else None
-            for i, hyps in zip(batch, search(src, opts, batch_prefixes)):
+            batch_prefixes = [prefixes[i] for i in batch] if prefixes is not None else None
+            for i, hyps in zip(batch, self.search([sources[i] for i in batch], opts, batch_prefixes)):
                 results[i] = hyps
             start = end
         return results
@@ -339,14 +245,211 @@ class Engine:
         return [hyps[0].text for hyps in self.translate(texts, opts)]
 
 
+@dataclasses.dataclass
+class SearchItem:
+    """One sentence to decode: source ids ending in EOS, its options, an optional target prefix
+    (ids without BOS/EOS) forced at the start of every hypothesis, and the caller's tag, which
+    comes back with its result."""
+    src: list[int]
+    opts: TranslationOptions
+    prefix: list[int] | None = None
+    tag: Any = None
+
+
+class BeamBatch:
+    """Sentences decoded together, K rows (beams) each, one decoder step at a time.
+
+    Sentences join between steps (`add`) and leave as soon as they are done (`step` returns
+    them), so a long sentence never holds short ones back and a scheduler can keep the batch
+    full: continuous batching. Each sentence has its own step count, length limit, minimum
+    length, length penalty and prefix; the beam size and whether alignments are kept belong to
+    the batch.
+
+    The search is model/decode.py's beam (greedy is K = 1): 2K best continuations a step, an
+    EOS among the first K finishes a hypothesis, the K best others go on; a sentence is done
+    with K finished hypotheses or at its length limit. Done sentences' rows leave the batch in
+    bulk (see COMPACT_FRACTION) or when new sentences join.
+    """
+
+    def __init__(self, engine: Engine, beam_size: int, alignment: bool = False):
+        self.engine, self.K, self.alignment = engine, beam_size, alignment
+        K = beam_size
+        self.items: list[SearchItem] = []
+        self.steps = np.zeros(0, dtype=np.int64)  # (n,) target tokens generated per sentence
+        self.limits = np.zeros(0, dtype=np.int64)  # (n,) max target length per sentence
+        self.min_lengths = np.zeros(0, dtype=np.int64)  # (n,)
+        self.closed = np.zeros(0, dtype=bool)  # (n,) done or cancelled; rows not yet dropped
+        self.finished: list[list[Hypothesis]] = []  # (n,) finished hypotheses per sentence
+        self.scores = np.zeros((0, K), dtype=np.float32)  # (n, K) running log-probabilities
+        self.prev = np.zeros(0, dtype=np.int64)  # (n*K,) last token of each row
+        # (n*K, L): right-aligned, the last steps[b] columns of a row are its tokens
+        self.history = np.zeros((0, 0), dtype=np.int64)
+        self.attention = np.zeros((0, 0, 0), dtype=np.float32)  # (n*K, L, S), only with alignment
+        self.state: _DecoderState | None = None
+        self.beam_of = np.repeat(np.arange(K), 2 * K)[None, :]  # (1, K*2K)
+        self.positions = np.arange(2 * K)[None, :]  # (1, 2K)
+
+    def __len__(self) -> int:
+        """Sentences still being decoded."""
+        return int((~self.closed).sum())
+
+    @property
+    def source_tokens(self) -> int:
+        """Source tokens of the sentences being decoded, times K: what a batch-size budget counts."""
+        return self.K * sum(len(item.src) for item, closed in zip(self.items, self.closed) if not closed)
+
+    def add(self, items: Sequence[SearchItem]) -> None:
+        """Encode these sentences and let them join the batch at the next step."""
+        if not items:
+            return
+        engine, K = self.engine, self.K
+        self._compact(force=True)
+        width = max(len(item.src) for item in items)
+        src = np.full((len(items), width), engine.pad, dtype=np.int64)
+        for row, item in enumerate(items):
+            src[row, : len(item.src)] = item.src
+        tensors = {name: np.repeat(value, K, axis=0) for name, value in engine.encode(src).items()}  # rows: n*K
+        if self.state is None:
+            self.state = _DecoderState(engine, tensors)
+        else:
+            self.state.merge(tensors, past=int(self.steps.max(initial=0)),
+                             source_width=max(width, max((len(i.src) for i in self.items), default=0)))
+        m = len(items)
+        self.items.extend(items)
+        self.steps = np.concatenate([self.steps, np.zeros(m, dtype=np.int64)])
+        self.limits = np.concatenate([self.limits, [engine.length_limit(len(i.src), i.opts, i.prefix) for i in items]]).astype(np.int64)
+        self.min_lengths = np.concatenate([self.min_lengths, [i.opts.min_length for i in items]]).astype(np.int64)
+        self.closed = np.concatenate([self.closed, np.zeros(m, dtype=bool)])
+        self.finished.extend([] for _ in items)
+        scores = np.full((m, K), -np.inf, dtype=np.float32)
+        scores[:, 0] = 0.0  # only the first beam is alive at the start
+        self.scores = np.concatenate([self.scores, scores])
+        self.prev = np.concatenate([self.prev, np.full(m * K, engine.bos, dtype=np.int64)])
+        self.history = np.concatenate([self.history, np.full((m * K, self.history.shape[1]), engine.pad, dtype=np.int64)])
+        if self.alignment:
+            S = self.state.source_width
+            old = _fit(self.attention, 2, S)
+            self.attention = np.concatenate([old, np.zeros((m * K, old.shape[1], S), dtype=np.float32)])
+
+    def cancel(self, tags: set) -> int:
+        """Stop decoding the sentences with these tags (no result); returns how many."""
+        cancelled = 0
+        for b, item in enumerate(self.items):
+            if item.tag in tags and not self.closed[b]:
+                self.closed[b], cancelled = True, cancelled + 1
+        return cancelled
+
+    def step(self) -> list[tuple[SearchItem, list[Hypothesis]]]:
+        """One decoder step for every row; returns the sentences done at this step with their
+        n-best hypotheses, best first."""
+        engine, K, n = self.engine, self.K, len(self.items)
+        if n == 0:
+            return []
+        no_eos = np.repeat(self.steps < self.min_lengths, K)
+        top_log_probs, top_ids, alignment = engine._step(self.state, self.prev, 2 * K, no_eos, self.alignment, self._forced())
+        if self.alignment:
+            self.attention = np.concatenate([self.attention, alignment[:, None, :]], axis=1)
+        candidates = (self.scores.reshape(n * K, 1) + top_log_probs).reshape(n, 2 * K * K)
+        tokens = top_ids.reshape(n, 2 * K * K)
+        # Best first; ties go to the lower (beam, token) index, as torch.topk over (K * V).
+        order = np.lexsort((self.beam_of * engine.vocab_size + tokens, -candidates), axis=1)[:, : 2 * K]
+        top_scores = np.take_along_axis(candidates, order, 1)
+        top_beam = order // (2 * K)
+        top_token = np.take_along_axis(tokens, order, 1)
+        is_eos = top_token == engine.eos
+        for b, j in np.argwhere(is_eos[:, :K] & np.isfinite(top_scores[:, :K]) & ~self.closed[:, None]):
+            row = b * K + top_beam[b, j]
+            self.finished[b].append(self._hypothesis(b, row, top_scores[b, j], int(self.steps[b]), ended=True))
+        pick = np.argsort(np.where(is_eos, self.positions + 2 * K, self.positions), axis=1, kind="stable")[:, :K]
+        self.scores = np.take_along_axis(top_scores, pick, 1)
+        origin = (np.take_along_axis(top_beam, pick, 1) + np.arange(n)[:, None] * K).reshape(-1)
+        self.prev = np.take_along_axis(top_token, pick, 1).reshape(-1).astype(np.int64)
+        self.state.reorder(origin)
+        self.history = np.concatenate([self.history[origin], self.prev[:, None]], axis=1)
+        if self.alignment:
+            self.attention = self.attention[origin]
+        self.steps += 1
+        at_limit = self.limits <= self.steps
+        for b in np.flatnonzero(at_limit & ~self.closed):  # live hypotheses finish as they are
+            for k in np.flatnonzero(np.isfinite(self.scores[b])):
+                self.finished[b].append(self._hypothesis(b, b * K + k, self.scores[b, k], int(self.steps[b]), ended=False))
+        done = ~self.closed & (at_limit | np.array([len(f) >= K for f in self.finished]))
+        self.closed |= done
+        results = [(self.items[b], sorted(self.finished[b], key=lambda h: -h.score)[: self.items[b].opts.nbest])
+                   for b in np.flatnonzero(done)]
+        self._compact()
+        return results
+
+    def _forced(self) -> np.ndarray | None:
+        """The prefix token each row must take at this step (PAD: none), or None if no row has one."""
+        if not any(item.prefix and step < len(item.prefix) for item, step in zip(self.items, self.steps)):
+            return None
+        forced = [item.prefix[step] if item.prefix and step < len(item.prefix) else self.engine.pad
+                  for item, step in zip(self.items, self.steps.tolist())]
+        return np.repeat(np.array(forced, dtype=np.int64), self.K)
+
+    def _hypothesis(self, b: int, row: int, score: float, generated: int, ended: bool) -> Hypothesis:
+        """A finished hypothesis of sentence b from `row`: its last `generated` tokens, plus the
+        EOS just chosen if it ended (which counts in the length and has an alignment row)."""
+        item = self.items[b]
+        length = generated + ended
+        tokens = self.history[row, self.history.shape[1] - generated:].tolist() if generated else []
+        alignment = None
+        if self.alignment:
+            alignment = self.attention[row, self.attention.shape[1] - length:, : len(item.src)].tolist()
+        return Hypothesis(tokens, Engine._normalise(float(score), length, item.opts.length_penalty), alignment)
+
+    def _compact(self, force: bool = False) -> None:
+        """Drop the rows of closed sentences: when forced (new sentences are joining), when at
+        least 1/COMPACT_FRACTION of the batch is closed, or when a closed row would step past
+        the model's maximum length."""
+        n, K = len(self.items), self.K
+        closed = int(self.closed.sum())
+        if not closed or not (force or closed * COMPACT_FRACTION >= n
+                              or (self.closed & (self.steps >= self.engine.max_len - 2)).any()):
+            return
+        keep = np.flatnonzero(~self.closed)
+        rows = (keep[:, None] * K + np.arange(K)).reshape(-1)
+        self.items = [self.items[b] for b in keep]
+        self.finished = [self.finished[b] for b in keep]
+        self.steps, self.limits, self.min_lengths = self.steps[keep], self.limits[keep], self.min_lengths[keep]
+        self.closed, self.scores = self.closed[keep], self.scores[keep]
+        longest = int(self.steps.max(initial=0))  # older columns belong to sentences that left
+        self.prev = self.prev[rows]
+        self.history = self.history[rows][:, self.history.shape[1] - longest:]
+        if self.alignment:
+            self.attention = self.attention[rows][:, self.attention.shape[1] - longest:]
+        if not self.items:
+            self.state = None
+            self.history = np.zeros((0, 0), dtype=np.int64)
+            self.attention = np.zeros((0, 0, 0), dtype=np.float32)
+        else:
+            self.state.keep(rows)
+
+
+def _fit(array: np.ndarray, axis: int, width: int, left: bool = False) -> np.ndarray:
+    """Zero-pad (False for masks) or cut `axis` to `width`, on the right or on the left."""
+    size = array.shape[axis]
+    if size > width:
+        cut = [slice(None)] * array.ndim
+        cut[axis] = slice(size - width, None) if left else slice(0, width)
+        return array[tuple(cut)]
+    if size < width:
+        pad = [(0, 0)] * array.ndim
+        pad[axis] = (width - size, 0) if left else (0, width - size)
+        return np.pad(array, pad)
+    return array
+
+
 class _DecoderState:
     """The decoder state of one batch being decoded.
 
     Static tensors (cross-attention keys/values, RNN memory) are wrapped as OrtValues once per
     batch, on the execution provider's device. The dynamic state (key/value cache, RNN hidden
-    state) stays in the OrtValues onnxruntime returned, on that device too: it is never copied
-    to numpy. `origin` tells the next step which previous row each row continues; the step graph
-    applies it (Gather), which is how beams are reordered and finished rows dropped."""
+    state) stays in the OrtValues onnxruntime returned, on that device too: it is copied to the
+    host only when sentences join. `origin` tells the next step which previous row each row
+    continues; the step graph applies it (Gather), which is how beams are reordered and
+    finished rows dropped."""
 
     def __init__(self, engine: Engine, tensors: dict[str, np.ndarray]):
         self.engine = engine
@@ -354,6 +457,11 @@ class _DecoderState:
         self.static = {name: engine._ort_value(value) for name, value in self.static_host.items()}
         self.dynamic = {name: engine._ort_value(tensors[name]) for name in engine.dynamic_names}
         self.origin = np.arange(len(next(iter(self.static_host.values()))), dtype=np.int64)
+
+    @property
+    def source_width(self) -> int:
+        name, axis = next(iter(self.engine.source_axis.items()))
+        return self.static_host[name].shape[axis]
 
     def stepped(self, dynamic: dict[str, ort.OrtValue], rows: int) -> None:
         self.dynamic = dynamic
@@ -368,3 +476,25 @@ class _DecoderState:
         self.origin = self.origin[rows]
         self.static_host = {name: value[rows] for name, value in self.static_host.items()}
         self.static = {name: self.engine._ort_value(value) for name, value in self.static_host.items()}
+
+    def merge(self, new: dict[str, np.ndarray], past: int, source_width: int) -> None:
+        """Append the rows of freshly encoded sentences (`new`: encoder outputs and initial
+        dynamic state). Source axes are fitted to `source_width` (right padding, masked by the
+        source mask); cached-step axes keep the last `past` steps (no remaining row has more)
+        and the joining rows' caches are padded on the left, where their cache mask is False."""
+        engine = self.engine
+        for name, value in self.static_host.items():
+            axis = engine.source_axis.get(name)
+            old, added = (value, new[name]) if axis is None else (_fit(value, axis, source_width), _fit(new[name], axis, source_width))
+            self.static_host[name] = np.concatenate([old, added])
+        self.static = {name: engine._ort_value(value) for name, value in self.static_host.items()}
+        dynamic = {}
+        for name, value in self.dynamic.items():
+            old, added = value.numpy()[self.origin], new[name]
+            axis = engine.past_axis.get(name)
+            if axis is not None:
+                width = max(past, added.shape[axis])
+                old, added = _fit(old, axis, width, left=True), _fit(added, axis, width, left=True)
+            dynamic[name] = engine._ort_value(np.concatenate([old, added]))
+        self.dynamic = dynamic
+        self.origin = np.arange(len(next(iter(self.static_host.values()))), dtype=np.int64)
