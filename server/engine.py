@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +126,8 @@ class Engine:
         self.max_len = manifest["max_len"]
         self.default_max_len_a = manifest["decoding"]["max_len_a"]
         self.default_max_len_b = manifest["decoding"]["max_len_b"]
+        # Called with (graph name, seconds) after every onnxruntime run, e.g. by the server's metrics.
+        self.run_observer: Callable[[str, float], None] | None = None
 
     def warm_up(self) -> None:
         """One short translation so that the first request does not pay for allocations."""
@@ -135,7 +138,10 @@ class Engine:
     def encode(self, src: np.ndarray) -> dict[str, np.ndarray]:
         """Encoder outputs, plus the initial dynamic state: from the encoder (RNN) or empty
         key/value caches (B, H, 0, Dh) (Transformer)."""
+        started = time.perf_counter()
         state = dict(zip(self.encoder_outputs, self.encoder.run(None, {"src": src})))
+        if self.run_observer is not None:
+            self.run_observer("encoder", time.perf_counter() - started)
         if not self.dynamic_from_encoder:
             for tensor in self.dynamic:
                 shape = [src.shape[0] if a == "batch" else 0 if isinstance(a, str) else a for a in tensor["shape"]]
@@ -156,7 +162,10 @@ class Engine:
                 "k": ort.OrtValue.ortvalue_from_numpy(np.array([k + extra], dtype=np.int64)),
                 "forced": ort.OrtValue.ortvalue_from_numpy(forced if forced is not None else np.zeros_like(prev)),
                 **state.static, **state.dynamic}
+        started = time.perf_counter()
         top_log_probs, top_ids, forced_log_probs, alignment, *new = self.step.run_with_ort_values(self.step_outputs, feed)
+        if self.run_observer is not None:
+            self.run_observer("decoder_step", time.perf_counter() - started)
         state.stepped(dict(zip(self.dynamic_names, new)), len(prev))
         top_log_probs, top_ids = top_log_probs.numpy(), top_ids.numpy()
         if extra:
