@@ -171,7 +171,7 @@ def expand(text: str, env: dict[str, str]) -> str:
 # Rendering and schema validation
 
 
-def check_custom_resource(obj: dict[str, Any], objects: list[dict[str, Any]]) -> None:
+def check_custom_resource(obj: dict[str, Any]) -> None:
     """Structural check of the Prometheus Operator resources (no schema in kubernetes-validate)."""
     assert set(obj) == {"apiVersion", "kind", "metadata", "spec"}, sorted(obj)
     assert obj["apiVersion"] == "monitoring.coreos.com/v1"
@@ -198,7 +198,7 @@ def test_kustomization_renders_and_validates_against_kubernetes_schemas(director
     for obj in objects:
         group = obj["apiVersion"].split("/")[0] if "/" in obj["apiVersion"] else ""
         if group in CUSTOM_RESOURCE_GROUPS:
-            check_custom_resource(obj, objects)
+            check_custom_resource(obj)
             continue
         try:
             kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
