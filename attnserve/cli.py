@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -111,6 +112,12 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _translate(args: argparse.Namespace) -> int:
+    if args.server:
+        return _translate_remote(args)
+    if len(args.input) != 1 or not args.output or not args.model:
+        log.error("offline translation takes one INPUT file, -o OUTPUT and --model BUNDLE (or use --server HOST:PORT)")
+        return 2
+    args.input = args.input[0]
     from server.batch import BatchError, BatchTranslator, parse_shard
     from server.bundle import BundleError, load_bundle
     from server.engine import Engine, TranslationOptions
@@ -128,6 +135,39 @@ def _translate(args: argparse.Namespace) -> int:
         return 2
     print(summary.describe())
     return 0
+
+
+def _translate_remote(args: argparse.Namespace) -> int:
+    import grpc
+
+    from attnserve.client import TranslatorClient
+
+    texts = [line.rstrip("\n") for line in sys.stdin] if args.input in ([], ["-"]) else args.input
+    token = args.token or os.environ.get("ATTNSERVE_AUTH_TOKEN") or None
+    root = Path(args.tls_ca).read_bytes() if args.tls_ca else None
+    try:
+        with TranslatorClient(args.server, token=token, tls=args.tls or bool(root), root_certificates=root,
+                              timeout=args.timeout) as client:
+            response = client.translate(texts, args.model_name or "", beam_size=args.beam, length_penalty=args.length_penalty)
+    except grpc.RpcError as exc:
+        log.error("%s: %s", exc.code().name, exc.details())
+        return 1
+    for translation in response.translations:
+        print(translation.hypotheses[0].text)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from server.config import load_config
+    from server.service import serve
+
+    try:
+        config = load_config(args)
+    except (ValueError, OSError) as exc:
+        log.error("%s", exc)
+        return 2
+    logging.getLogger().setLevel(config.log_level)
+    return serve(config)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,9 +226,16 @@ def build_parser() -> argparse.ArgumentParser:
     ex.set_defaults(func=_export)
 
     tr = sub.add_parser("translate", help="translate a file offline (resumable, shardable)")
-    tr.add_argument("input", help="plain text (one sentence a line) or JSONL ({\"text\": ...} a line)")
-    tr.add_argument("-o", "--output", required=True, help="output file; OUTPUT.partial while running")
-    tr.add_argument("--model", required=True, help="model bundle directory (REPO/NAME/VERSION)")
+    tr.add_argument("input", nargs="*", help="offline: plain text (one sentence a line) or JSONL ({\"text\": ...} a line); "
+                    "with --server: the sentences to translate (none or '-': stdin lines)")
+    tr.add_argument("-o", "--output", help="output file; OUTPUT.partial while running (offline)")
+    tr.add_argument("--model", help="model bundle directory (REPO/NAME/VERSION) (offline)")
+    tr.add_argument("--server", help="HOST:PORT of an attnserve server: translate there and print the results")
+    tr.add_argument("--model-name", help="with --server: model name (default: the server's default model)")
+    tr.add_argument("--token", help="with --server: bearer token (default: env ATTNSERVE_AUTH_TOKEN)")
+    tr.add_argument("--tls", action="store_true", help="with --server: connect with TLS (system roots)")
+    tr.add_argument("--tls-ca", help="with --server: PEM root certificate to trust (implies --tls)")
+    tr.add_argument("--timeout", type=float, default=30.0, help="with --server: deadline in seconds")
     tr.add_argument("--precision", default="fp32", help="fp32, int8 (CPU) or fp16 (CUDA), as the bundle has them")
     tr.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     tr.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all cores)")
@@ -201,6 +248,14 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--chunk-lines", type=int, default=512, help="lines translated and fsynced together")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
     tr.set_defaults(func=_translate)
+
+    from server.config import add_arguments  # no torch, no onnxruntime: argparse only
+
+    sv = sub.add_parser("serve", help="serve the model repository over gRPC (with no arguments: the shipped en-fr model)",
+                        description="Every setting can come from a flag, an environment variable or a TOML "
+                                    "file (--config), in that order of precedence.")
+    add_arguments(sv)
+    sv.set_defaults(func=_serve)
 
     sub.add_parser("bench", help="side-by-side decoding benchmark (torch, onnxruntime, CTranslate2); see bench --help",
                    add_help=False)

@@ -58,12 +58,15 @@ class BatchingConfig:
 
 class Job:
     """The sentences of one request (or one stream item). `on_result(index, hypotheses)`, if
-    given, is called from the scheduler thread as each sentence is done; `wait()` returns when
-    all are done or the job has failed. Identity-hashed: it tags its sentences in a batch."""
+    given, is called as each sentence is done and `on_error(error)` if the job fails (both from
+    the scheduler thread, or on_error from the cancelling one); `wait()` returns when all are
+    done or the job has failed. Identity-hashed: it tags its sentences in a batch."""
 
     def __init__(self, sources: list[list[int]], opts: TranslationOptions, deadline: float | None = None,
-                 on_result: Callable[[int, list[Hypothesis]], None] | None = None):
-        self.sources, self.opts, self.deadline, self.on_result = sources, opts, deadline, on_result
+                 on_result: Callable[[int, list[Hypothesis]], None] | None = None,
+                 on_error: Callable[["SchedulerError"], None] | None = None):
+        self.sources, self.opts, self.deadline = sources, opts, deadline
+        self.on_result, self.on_error = on_result, on_error
         self.results: list[list[Hypothesis] | None] = [None] * len(sources)
         self.remaining = len(sources)
         self.error: SchedulerError | None = None
@@ -96,6 +99,8 @@ class Job:
             return False
         self.error = error
         self._done.set()
+        if self.on_error is not None:
+            self.on_error(error)
         return True
 
 

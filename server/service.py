@@ -1,0 +1,432 @@
+"""The gRPC translation service: attnserve.v1.Translator, grpc.health.v1 and server reflection.
+
+    server, port = create_server(config)
+    server.start()
+    ...
+    server.stop(grace)          # NOT_SERVING, refuse new RPCs, let in-flight ones finish
+
+Requests are checked here (model, options, limits), tokenised, and handed to the model's
+Scheduler as Jobs; batching lives there. Every failure is answered with a status code and a
+message saying what was wrong; nothing a client sends can stop the server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import logging
+import queue
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from attnserve.v1 import translator_pb2 as pb
+from attnserve.v1 import translator_pb2_grpc as pb_grpc
+from server.config import ServerConfig
+from server.engine import Hypothesis, TranslationOptions
+from server.metrics import Metrics
+from server.repository import EngineConfig, ModelNotFound, ModelRepository, ModelVersion
+from server.scheduler import BatchingConfig, Job, SchedulerError
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Translator"].full_name  # attnserve.v1.Translator
+HEALTH_METHOD_PREFIX = f"/{health.SERVICE_NAME}/"
+STATES = {"LOADING": pb.ModelInfo.LOADING, "READY": pb.ModelInfo.READY, "FAILED": pb.ModelInfo.FAILED,
+          "UNLOADED": pb.ModelInfo.UNLOADED}
+SCHEDULER_CODES = {
+    SchedulerError.QUEUE_FULL: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    SchedulerError.CLOSED: grpc.StatusCode.UNAVAILABLE,
+    SchedulerError.EXPIRED: grpc.StatusCode.DEADLINE_EXCEEDED,
+    SchedulerError.CANCELLED: grpc.StatusCode.CANCELLED,
+    SchedulerError.FAILED: grpc.StatusCode.INTERNAL,
+}
+
+
+class RequestError(Exception):
+    """A request (or stream item) refused with this status code."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class _Call:
+    """What the metrics need to know about one RPC."""
+
+    def __init__(self) -> None:
+        self.model = ""
+        self.code = grpc.StatusCode.OK
+
+
+class TranslatorServicer(pb_grpc.TranslatorServicer):
+    def __init__(self, config: ServerConfig, repository: ModelRepository, metrics: Metrics):
+        self.config, self.repository, self.metrics = config, repository, metrics
+        self.draining = threading.Event()
+
+    # -- RPCs ------------------------------------------------------------------------------------
+
+    def Translate(self, request: pb.TranslateRequest, context: grpc.ServicerContext) -> pb.TranslateResponse:
+        with self._rpc("Translate", context) as call:
+            model = self._model(request.model, request.version)
+            call.model = model.name
+            if len(request.sentences) > self.config.max_sentences_per_request:
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"{len(request.sentences)} sentences in one request; the limit is "
+                                   f"max_sentences_per_request={self.config.max_sentences_per_request}")
+            opts = self._options(request.options, model)
+            sources = [self._encode(model, text, f"sentence {i}") for i, text in enumerate(request.sentences)]
+            response = pb.TranslateResponse(model=model.name, version=model.version)
+            if not sources:
+                return response
+            job = Job(sources, opts, self._deadline(context))
+            self._submit(model, job, context)
+            if not job.wait(context.time_remaining()):
+                model.scheduler.cancel(job, SchedulerError.EXPIRED)
+            if job.error is not None:
+                raise RequestError(SCHEDULER_CODES[job.error.reason], str(job.error))
+            for source, hypotheses in zip(sources, job.results):
+                response.translations.append(self._translation(model, source, hypotheses, opts))
+            return response
+
+    def TranslateStream(self, request_iterator: Iterator[pb.TranslateStreamRequest],
+                        context: grpc.ServicerContext) -> Iterator[pb.TranslateStreamResponse]:
+        """A reader thread takes requests as they come and queues their jobs; this generator
+        sends each result the moment the scheduler delivers it. Every item gets exactly one
+        response: its translation or its own error."""
+        with self._rpc("TranslateStream", context) as call:
+            responses: queue.Queue[pb.TranslateStreamResponse | None] = queue.Queue()
+            jobs: list[tuple[ModelVersion, Job]] = []
+            counts = {"items": 0, "answered": 0}
+            reader_done = threading.Event()
+            deadline = self._deadline(context)
+
+            def error(item_id: str, code: grpc.StatusCode, message: str, model: str = "", version: str = "") -> None:
+                responses.put(pb.TranslateStreamResponse(id=item_id, error=pb.Status(code=code.value[0], message=message),
+                                                         model=model, version=version))
+
+            def read() -> None:
+                try:
+                    for item in request_iterator:
+                        counts["items"] += 1
+                        try:
+                            model = self._model(item.model, item.version)
+                            call.model = call.model or model.name
+                            opts = self._options(item.options, model)
+                            source = self._encode(model, item.sentence, f"item {item.id!r}")
+                        except RequestError as exc:
+                            error(item.id, exc.code, str(exc))
+                            continue
+
+                        def on_result(_index: int, hypotheses: list[Hypothesis], item=item, model=model,
+                                      source=source, opts=opts) -> None:
+                            responses.put(pb.TranslateStreamResponse(
+                                id=item.id, translation=self._translation(model, source, hypotheses, opts),
+                                model=model.name, version=model.version))
+
+                        def on_error(exc: SchedulerError, item=item, model=model) -> None:
+                            error(item.id, SCHEDULER_CODES[exc.reason], str(exc), model.name, model.version)
+
+                        job = Job([source], opts, deadline, on_result=on_result, on_error=on_error)
+                        try:
+                            self._submit(model, job, context, stream=True)
+                        except RequestError as exc:
+                            error(item.id, exc.code, str(exc), model.name, model.version)
+                            continue
+                        jobs.append((model, job))
+                except grpc.RpcError:
+                    pass  # the client went away: the callback below cancels what is left
+                except Exception:
+                    log.exception("TranslateStream reader failed")
+                finally:
+                    reader_done.set()
+                    responses.put(None)  # wake the writer
+
+            def cancel_all() -> None:
+                for model, job in jobs:
+                    model.scheduler.cancel(job)
+
+            context.add_callback(cancel_all)
+            threading.Thread(target=read, name="stream-reader", daemon=True).start()
+            while context.is_active():
+                if reader_done.is_set() and counts["answered"] == counts["items"]:
+                    return
+                try:
+                    response = responses.get(timeout=0.1)
+                except queue.Empty:
+                    if deadline is not None and time.monotonic() > deadline:
+                        cancel_all()
+                    continue
+                if response is None:
+                    continue
+                counts["answered"] += 1
+                yield response
+            cancel_all()
+
+    def ListModels(self, request: pb.ListModelsRequest, context: grpc.ServicerContext) -> pb.ListModelsResponse:
+        with self._rpc("ListModels", context):
+            return pb.ListModelsResponse(models=[self._info(v) for v in self.repository.versions()])
+
+    def GetModel(self, request: pb.GetModelRequest, context: grpc.ServicerContext) -> pb.ModelInfo:
+        with self._rpc("GetModel", context) as call:
+            name = request.name or self.config.default_model
+            call.model = name
+            versions = [v for v in self.repository.versions() if v.name == name]
+            if request.version:
+                versions = [v for v in versions if v.version == request.version]
+            if not versions:
+                what = f"model {name!r}" + (f" version {request.version!r}" if request.version else "")
+                raise RequestError(grpc.StatusCode.NOT_FOUND, f"no {what} in the repository")
+            ready = [v for v in versions if v.state == "READY"]
+            return self._info(max(ready or versions, key=lambda v: v.number))
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _rpc(self, rpc: str, context: grpc.ServicerContext):
+        """Counts, times and answers one RPC: RequestError becomes its status code, anything
+        unexpected INTERNAL (logged); the server goes on either way."""
+        call = _Call()
+        started = time.monotonic()
+        self.metrics.inflight.inc()
+        try:
+            if self.draining.is_set():
+                raise RequestError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another replica")
+            yield call
+        except RequestError as exc:
+            call.code = exc.code
+            context.abort(exc.code, str(exc))
+        except GeneratorExit:
+            call.code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as exc:
+            if isinstance(exc, grpc.RpcError) or type(exc).__name__ == "_AbortError":
+                raise
+            call.code = grpc.StatusCode.INTERNAL
+            log.exception("%s failed", rpc)
+            context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+        finally:
+            if call.code == grpc.StatusCode.OK and not context.is_active():
+                call.code = grpc.StatusCode.CANCELLED
+            self.metrics.inflight.dec()
+            self.metrics.requests.labels(rpc, call.model, call.code.name).inc()
+            self.metrics.request_latency.labels(rpc).observe(time.monotonic() - started)
+
+    def _model(self, name: str, version: str) -> ModelVersion:
+        try:
+            return self.repository.get(name or self.config.default_model, version)
+        except ModelNotFound as exc:
+            raise RequestError(grpc.StatusCode.NOT_FOUND, str(exc)) from None
+
+    def _options(self, options: pb.TranslationOptions, model: ModelVersion) -> TranslationOptions:
+        beam = options.beam_size or self.config.default_beam_size
+        if beam > self.config.max_beam_size:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"beam_size {beam} exceeds the limit max_beam_size={self.config.max_beam_size}")
+        nbest = options.nbest or 1
+        if nbest > beam:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"nbest {nbest} exceeds beam_size {beam}")
+        opts = TranslationOptions(beam_size=beam, nbest=nbest, return_alignment=options.return_alignment)
+        if options.HasField("length_penalty"):
+            if not 0.0 <= options.length_penalty <= 10.0:
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"length_penalty {options.length_penalty} is outside [0, 10]")
+            opts.length_penalty = options.length_penalty
+        if options.max_length:
+            opts.max_len_a, opts.max_len_b = 0.0, min(options.max_length, model.engine.max_len - 1)
+        return opts
+
+    def _encode(self, model: ModelVersion, text: str, what: str) -> list[int]:
+        engine = model.engine
+        ids = engine.tokenizer.encode(text)
+        limit = min(self.config.max_tokens_per_sentence, engine.max_len - 1)
+        if len(ids) > limit:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"{what} has {len(ids)} subword tokens; the limit is max_tokens_per_sentence={limit}")
+        return ids + [engine.eos]
+
+    def _deadline(self, context: grpc.ServicerContext) -> float | None:
+        remaining = context.time_remaining()
+        return None if remaining is None else time.monotonic() + remaining
+
+    def _submit(self, model: ModelVersion, job: Job, context: grpc.ServicerContext, stream: bool = False) -> None:
+        if job.deadline is not None and time.monotonic() >= job.deadline:
+            raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the request was queued")
+        scheduler = model.scheduler
+        if scheduler is None:  # unloaded between the lookup and now
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, f"model {model.name} version {model.version} was unloaded; retry")
+        try:
+            scheduler.submit(job)
+        except SchedulerError as exc:
+            raise RequestError(SCHEDULER_CODES[exc.reason], str(exc)) from None
+        if not stream:
+            context.add_callback(lambda: scheduler.cancel(job))  # client gone: stop its work
+
+    def _translation(self, model: ModelVersion, source: list[int], hypotheses: list[Hypothesis],
+                     opts: TranslationOptions) -> pb.Translation:
+        tokenizer = model.engine.tokenizer if model.engine is not None else None
+        translation = pb.Translation()
+        texts = tokenizer.decode([h.tokens for h in hypotheses]) if tokenizer is not None else ["" for _ in hypotheses]
+        for hypothesis, text in zip(hypotheses, texts):
+            out = translation.hypotheses.add(text=text, score=hypothesis.score)
+            if opts.return_alignment and hypothesis.alignment is not None:
+                pieces = [tokenizer.id_to_piece(t) for t in hypothesis.tokens]
+                out.target_tokens.extend(pieces + ["</s>"] * (len(hypothesis.alignment) - len(pieces)))
+                for row in hypothesis.alignment:
+                    out.alignment.add(weights=row)
+        if opts.return_alignment and tokenizer is not None:
+            translation.source_tokens.extend([tokenizer.id_to_piece(t) for t in source[:-1]] + ["</s>"])
+        return translation
+
+    def _info(self, version: ModelVersion) -> pb.ModelInfo:
+        info = pb.ModelInfo(name=version.name, version=version.version, state=STATES[version.state],
+                            state_reason=version.reason, is_default=version.name == self.config.default_model)
+        manifest = version.bundle.manifest if version.bundle is not None else None
+        if manifest is None:
+            return info
+        info.source_language = manifest["languages"]["source"]
+        info.target_language = manifest["languages"]["target"]
+        info.architecture, info.attention = manifest["architecture"], manifest["attention"]
+        info.parameters = manifest["parameters"]
+        if version.engine is not None:
+            info.precision, info.execution_provider = version.engine.precision, version.engine.provider
+            validation = manifest["precisions"].get(version.engine.precision, {}).get("validation", {})
+            info.test_bleu = validation.get("test_bleu", 0.0)
+        return info
+
+
+class BearerTokenInterceptor(grpc.ServerInterceptor):
+    """Requires `authorization: Bearer <token>` on every RPC except health checks (Kubernetes
+    probes carry no credentials)."""
+
+    def __init__(self, token: str, metrics: Metrics):
+        self.expected = f"Bearer {token}".encode()
+        self.metrics = metrics
+
+    def intercept_service(self, continuation, handler_call_details):
+        if handler_call_details.method.startswith(HEALTH_METHOD_PREFIX):
+            return continuation(handler_call_details)
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        given = metadata.get("authorization", "")
+        if hmac.compare_digest(given.encode() if isinstance(given, str) else given, self.expected):
+            return continuation(handler_call_details)
+        rpc = handler_call_details.method.rsplit("/", 1)[-1]
+        self.metrics.requests.labels(rpc, "", grpc.StatusCode.UNAUTHENTICATED.name).inc()
+        handler = continuation(handler_call_details)
+        message = "missing or wrong bearer token (metadata 'authorization: Bearer <token>')"
+
+        def deny(request, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+        if handler is None:
+            return None
+        if handler.request_streaming and handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(deny)
+        if handler.request_streaming:
+            return grpc.stream_unary_rpc_method_handler(deny)
+        if handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(deny)
+        return grpc.unary_unary_rpc_method_handler(deny)
+
+
+class TranslationServer:
+    """The gRPC server with its model repository, health service and metrics endpoint."""
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.metrics = Metrics()
+        self.health = health.HealthServicer(experimental_non_blocking=True,
+                                            experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=4))
+        self.repository = ModelRepository(
+            config.model_repository, EngineConfig(config.device, config.precision, config.threads),
+            BatchingConfig(config.max_batch_tokens, config.max_batch_sentences, config.max_wait_ms, config.max_queue),
+            self.metrics, on_change=self.update_health)
+        self.servicer = TranslatorServicer(config, self.repository, self.metrics)
+        token = config.token()
+        interceptors = [BearerTokenInterceptor(token, self.metrics)] if token else []
+        options = [
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+            # Long-lived HTTP/2 connections pin a client to one replica; closing them after a
+            # while makes clients re-resolve and spread over new replicas.
+            ("grpc.max_connection_age_ms", int(config.max_connection_age * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(config.grace_period * 1000)),
+            ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
+        ]
+        self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rpc"),
+                                interceptors=interceptors, options=options, maximum_concurrent_rpcs=config.workers)
+        pb_grpc.add_TranslatorServicer_to_server(self.servicer, self.grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
+        address = f"{config.host}:{config.port}"
+        if config.tls_cert:
+            with open(config.tls_key, "rb") as key, open(config.tls_cert, "rb") as cert:
+                credentials = grpc.ssl_server_credentials([(key.read(), cert.read())])
+            self.port = self.grpc.add_secure_port(address, credentials)
+        else:
+            self.port = self.grpc.add_insecure_port(address)
+        if not self.port:
+            raise OSError(f"cannot listen on {address}")
+        self.metrics_port = 0
+        self.update_health()
+
+    def update_health(self) -> None:
+        if self.servicer.draining.is_set():
+            return  # enter_graceful_shutdown has set everything NOT_SERVING for good
+        serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in self.repository.model_names():
+            self.health.set(name, serving if self.repository.ready(name) else not_serving)
+        overall = serving if self.repository.ready(self.config.default_model) else not_serving
+        self.health.set("", overall)
+        self.health.set(SERVICE_NAME, overall)
+
+    def start(self) -> None:
+        """Load the repository, then listen (health says SERVING once the default model is ready)."""
+        self.repository.scan()
+        if not self.repository.ready(self.config.default_model):
+            log.error("the default model %r is not ready: %s", self.config.default_model,
+                      "; ".join(f"{v.name}/{v.version} {v.state} {v.reason}" for v in self.repository.versions()) or "repository empty")
+        self.repository.start_polling(self.config.poll_seconds)
+        if self.config.metrics_port:
+            self.metrics_port = self.metrics.serve(self.config.metrics_port)
+        self.grpc.start()
+        log.info("serving %s on port %d (metrics on %s)", SERVICE_NAME, self.port, self.metrics_port or "off")
+
+    def stop(self, grace: float | None = None) -> None:
+        """Drain: health NOT_SERVING, new RPCs refused, in-flight ones get `grace` seconds."""
+        grace = self.config.grace_period if grace is None else grace
+        log.info("shutting down: draining for up to %.0f s", grace)
+        self.servicer.draining.set()
+        self.health.enter_graceful_shutdown()
+        self.grpc.stop(grace).wait()
+        self.repository.close(timeout=1.0)
+        self.metrics.stop()
+        log.info("stopped")
+
+    def wait_for_termination(self, timeout: float | None = None) -> bool:
+        return self.grpc.wait_for_termination(timeout)
+
+
+def create_server(config: ServerConfig) -> tuple[TranslationServer, int]:
+    server = TranslationServer(config)
+    return server, server.port
+
+
+def serve(config: ServerConfig) -> int:
+    """Run until SIGTERM/SIGINT, then drain; SIGHUP rescans the model repository."""
+    server, _port = create_server(config)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, lambda *_: server.repository.rescan_in_background())
+    server.start()
+    while not stop.wait(1.0):
+        pass
+    server.stop(config.grace_period)
+    return 0
