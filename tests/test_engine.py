@@ -106,3 +106,49 @@ def test_target_prefix_is_forced_and_consistent(bundles, beam: int) -> None:
         engine.translate_ids(ids[:1], opts, prefixes=[[engine.eos]])
     with pytest.raises(ValueError, match="prefixes for"):
         engine.translate_ids(ids, opts, prefixes=[[]])
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+@pytest.mark.parametrize("beam", [1, 3])
+def test_sentences_joining_a_running_batch_decode_as_alone(trained, bundles, name: str, beam: int) -> None:
+    """Continuous batching: sentences that join a batch mid-decoding (their caches padded on the
+    left, their sources padded to the batch) and leave it as they finish get the tokens they get
+    in a batch of their own."""
+    import random
+
+    from server.engine import BeamBatch, SearchItem
+
+    engine = Engine(load_bundle(bundles[name]), "fp32", device="cpu")
+    ids = engine.encode_texts(dev_sources(trained[name])[:40])
+    opts = TranslationOptions(beam_size=beam, return_alignment=True)
+    alone = engine.translate_ids(ids, opts, max_batch_sentences=1)
+    batch, pending, results, rng, joined_late = BeamBatch(engine, beam, alignment=True), list(range(len(ids))), {}, random.Random(0), 0
+    while pending or len(batch):
+        if pending and rng.random() < 0.5:
+            joined_late += len(batch) > 0
+            count = rng.randint(1, 4)
+            take, pending = pending[:count], pending[count:]
+            batch.add([SearchItem(ids[i], opts, None, i) for i in take])
+        for item, hyps in batch.step():
+            assert item.tag not in results  # each sentence answered once
+            results[item.tag] = hyps
+    assert joined_late > 0 and sorted(results) == list(range(len(ids)))
+    for i, hyps in enumerate(alone):
+        assert results[i][0].tokens == hyps[0].tokens
+        assert results[i][0].score == pytest.approx(hyps[0].score, abs=1e-4)
+        assert len(results[i][0].alignment[0]) == len(ids[i])  # over this sentence's source only
+
+
+def test_cancelled_sentences_leave_without_a_result(bundles) -> None:
+    from server.engine import BeamBatch, SearchItem
+
+    engine = Engine(load_bundle(bundles["transformer"]), "fp32", device="cpu")
+    ids = engine.encode_texts(["the red cat sees the dog", "the book likes the tree", "the old house"])
+    batch = BeamBatch(engine, 2)
+    batch.add([SearchItem(src, TranslationOptions(beam_size=2), None, i) for i, src in enumerate(ids)])
+    batch.step()
+    assert batch.cancel({1}) == 1 and len(batch) == 2
+    done = {}
+    while len(batch):
+        done.update((item.tag, hyps) for item, hyps in batch.step())
+    assert sorted(done) == [0, 2]
