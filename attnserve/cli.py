@@ -148,8 +148,13 @@ def _translate_remote(args: argparse.Namespace) -> int:
     try:
         with TranslatorClient(args.server, token=token, tls=args.tls or bool(root), root_certificates=root,
                               timeout=args.timeout) as client:
+            if args.wait:
+                client.wait_until_serving(args.wait)
             response = client.translate(texts, args.model_name or "", beam_size=args.beam, length_penalty=args.length_penalty)
-    except grpc.RpcError as exc:
+    except (grpc.RpcError, grpc.FutureTimeoutError, TimeoutError) as exc:
+        if not isinstance(exc, grpc.RpcError):
+            log.error("no server SERVING at %s after %.0f s", args.server, args.wait)
+            return 1
         log.error("%s: %s", exc.code().name, exc.details())
         return 1
     for translation in response.translations:
@@ -236,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--tls", action="store_true", help="with --server: connect with TLS (system roots)")
     tr.add_argument("--tls-ca", help="with --server: PEM root certificate to trust (implies --tls)")
     tr.add_argument("--timeout", type=float, default=30.0, help="with --server: deadline in seconds")
+    tr.add_argument("--wait", type=float, default=0.0, help="with --server: first wait up to this many seconds for the "
+                    "server to be SERVING (e.g. just after starting it)")
     tr.add_argument("--precision", default="fp32", help="fp32, int8 (CPU) or fp16 (CUDA), as the bundle has them")
     tr.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     tr.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all cores)")
@@ -259,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("bench", help="side-by-side decoding benchmark (torch, onnxruntime, CTranslate2); see bench --help",
                    add_help=False)
+    sub.add_parser("bench-load", help="gRPC load benchmark: concurrent clients, batching on/off, vs the offline engine; "
+                   "see bench-load --help", add_help=False)
     return parser
 
 
@@ -268,6 +277,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench.benchmark import main as bench_main
 
         return bench_main(argv[1:])
+    if argv[:1] == ["bench-load"]:
+        from bench.load import main as load_main
+
+        return load_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

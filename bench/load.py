@@ -1,0 +1,159 @@
+"""Load benchmark of the gRPC server against the offline engine, on the same sentences.
+
+    attnserve bench-load --clients 1 8 32 --sentences 400
+
+C concurrent clients (each its own channel, one sentence per request, the next request as soon
+as the answer comes: a closed loop) against `attnserve serve` in a subprocess, with batching on
+(the defaults) and off (--max-batch-sentences 1); then the offline engine translates the same
+sentences in length-sorted batches in this process, with the same threads and beam. Prints a
+Markdown table and writes JSON; ratios are computed within this one run.
+
+The clients run in this process on grpc.aio (one thread, no per-client threads), so on a small
+machine they share its cores with the server: the numbers are for the whole box.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from attnserve.client import TranslatorClient
+from attnserve.v1 import translator_pb2 as pb
+from attnserve.v1 import translator_pb2_grpc as pb_grpc
+from server.bundle import load_bundle
+from server.config import SHIPPED_REPOSITORY
+from server.engine import Engine, TranslationOptions
+
+log = logging.getLogger(__name__)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+async def _drive(port: int, sentences: list[str], clients: int, beam: int) -> dict[str, Any]:
+    """Each client takes the next sentence from a shared list until none is left."""
+    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}") for _ in range(clients)]
+    stubs = [pb_grpc.TranslatorStub(channel) for channel in channels]
+    next_index = 0
+    latencies: list[float] = []
+
+    async def client(stub) -> None:
+        nonlocal next_index
+        while next_index < len(sentences):
+            sentence = sentences[next_index]
+            next_index += 1
+            started = time.perf_counter()
+            await stub.Translate(pb.TranslateRequest(sentences=[sentence], options=pb.TranslationOptions(beam_size=beam)),
+                                            timeout=120)
+            latencies.append(time.perf_counter() - started)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client(stub) for stub in stubs))
+    elapsed = time.perf_counter() - started
+    for channel in channels:
+        await channel.close()
+    return {"clients": clients, "sentences": len(sentences), "seconds": round(elapsed, 3),
+            "sentences_per_s": round(len(sentences) / elapsed, 2),
+            "p50_ms": round(1000 * statistics.median(latencies), 1), "p99_ms": round(1000 * _percentile(latencies, 0.99), 1)}
+
+
+def run_server(mode: str, repository: Path, threads: int, sentences: list[str], clients: list[int], beam: int,
+               warmup: int) -> list[dict[str, Any]]:
+    port = _free_port()
+    command = [sys.executable, "-m", "attnserve.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+               "--metrics-port", "0", "--threads", str(threads), "--model-repository", str(repository),
+               "--default-beam-size", str(beam), "--poll-seconds", "0", "--log-level", "WARNING"]
+    if mode == "off":
+        command += ["--max-batch-sentences", "1"]
+    process = subprocess.Popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        with TranslatorClient(f"127.0.0.1:{port}") as client:
+            client.wait_until_serving(120)
+        asyncio.run(_drive(port, sentences[:warmup], max(clients), beam))  # warm-up
+        rows = []
+        for count in clients:
+            row = asyncio.run(_drive(port, sentences, count, beam))
+            row["mode"] = f"server, batching {mode}"
+            log.info("%s", row)
+            rows.append(row)
+        return rows
+    finally:
+        process.terminate()
+        process.wait(60)
+
+
+def run_offline(repository: Path, model: str, threads: int, sentences: list[str], beam: int) -> dict[str, Any]:
+    versions = sorted((p for p in (repository / model).iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    engine = Engine(load_bundle(versions[-1]), "fp32", device="cpu", threads=threads)
+    opts = TranslationOptions(beam_size=beam)
+    engine.translate(sentences[:32], opts)  # warm-up
+    started = time.perf_counter()
+    engine.translate(sentences, opts)
+    elapsed = time.perf_counter() - started
+    return {"mode": "offline engine (batches of 64, length-sorted)", "clients": 0, "sentences": len(sentences),
+            "seconds": round(elapsed, 3), "sentences_per_s": round(len(sentences) / elapsed, 2), "p50_ms": None, "p99_ms": None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="attnserve bench-load", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repository", type=Path, default=SHIPPED_REPOSITORY)
+    parser.add_argument("--model", default="en-fr")
+    parser.add_argument("--data", type=Path, default=Path("data/en-fr/test.tsv"), help="source<TAB>reference lines")
+    parser.add_argument("--sentences", type=int, default=400)
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--beam", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="onnxruntime threads (server and offline)")
+    parser.add_argument("--modes", nargs="+", default=["on", "off"], choices=["on", "off"])
+    parser.add_argument("--out", type=Path, default=Path("build/bench-load.json"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.data.is_file():
+        log.error("%s not found: build the corpus first (attnserve data build --out data/en-fr)", args.data)
+        return 2
+    sentences = [line.split("\t")[0] for line in args.data.read_text().splitlines()[: args.sentences]]
+    rows = [run_offline(args.repository, args.model, args.threads, sentences, args.beam)]
+    log.info("%s", rows[0])
+    for mode in args.modes:
+        rows += run_server(mode, args.repository, args.threads, sentences, args.clients, args.beam, warmup=64)
+    offline = rows[0]["sentences_per_s"]
+    by_key = {(r["mode"], r["clients"]): r for r in rows}
+    lines = ["| mode | clients | sentences/s | p50 ms | p99 ms | vs offline | vs batching off |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        off = by_key.get(("server, batching off", r["clients"]))
+        vs_off = f"{r['sentences_per_s'] / off['sentences_per_s']:.2f}x" if off and r["clients"] else ""
+        lines.append(f"| {r['mode']} | {r['clients'] or '-'} | {r['sentences_per_s']} | {r['p50_ms'] or '-'} | "
+                     f"{r['p99_ms'] or '-'} | {r['sentences_per_s'] / offline:.0%} | {vs_off} |")
+    table = "\n".join(lines)
+    print(table)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"command": "attnserve bench-load " + " ".join(argv if argv is not None else sys.argv[2:]),
+                                    "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()},
+                                    "beam": args.beam, "threads": args.threads, "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
