@@ -59,11 +59,16 @@ class DecoderStepGraph(torch.nn.Module):
         super().__init__()
         self.model, self.static, self.dynamic = model, static, dynamic
 
-    def forward(self, prev: torch.Tensor, origin: torch.Tensor, *tensors: torch.Tensor):
-        # prev (B,), origin (B,): the row of the previous step's dynamic state each row continues
+    def forward(self, prev: torch.Tensor, origin: torch.Tensor, fresh: torch.Tensor, *tensors: torch.Tensor):
+        # prev (B,); origin (B,): the row each row continues, of the previous step's dynamic
+        # state (P rows) followed by F all-zero rows, F = len(fresh) (values unused): a
+        # sentence joining a running Transformer batch starts from zeros (empty, masked cache;
+        # position 0), so the server never copies the batch's cache to add it.
         state = dict(zip(self.static + self.dynamic, tensors))
         for name in self.dynamic:
-            state[name] = state[name].index_select(0, origin)
+            previous = state[name]  # (P, ...)
+            zeros = previous.new_zeros((fresh.size(0),) + tuple(previous.shape[1:]))  # (F, ...)
+            state[name] = torch.cat([previous, zeros]).index_select(0, origin)  # (B, ...)
         logits, new_state, attention = self.model.decode_step(prev, state)
         return (torch.log_softmax(logits.float(), dim=-1), attention, *(new_state[name] for name in self.dynamic))
 
@@ -78,19 +83,20 @@ def example_inputs(model: EncoderDecoder, arch: ArchitectureSpec) -> dict[str, t
     with torch.inference_mode():
         state = model.encode(src)
         _, state, _ = model.decode_step(torch.full((4,), 2), state)
-    origin = torch.tensor([3, 0, 1])
-    static = [state[t.name][origin].clone() for t in arch.static]
+    origin = torch.tensor([3, 0, 5])  # 5: the second of two fresh (all-zero) rows
+    static = [state[t.name][torch.tensor([3, 0, 1])].clone() for t in arch.static]
     dynamic = [state[t.name].clone() for t in arch.dynamic]
-    return {"encoder": (src,), "decoder_step": (torch.tensor([5, 6, 7]), origin, *static, *dynamic)}
+    fresh = torch.zeros(2, dtype=torch.long)
+    return {"encoder": (src,), "decoder_step": (torch.tensor([5, 6, 7]), origin, fresh, *static, *dynamic)}
 
 
 def _dynamic_shapes(spec: GraphSpec) -> tuple:
     # Named dims, one per axis name: torch.export then fails loudly if tracing would specialise
     # an axis to the example's size (Dim.DYNAMIC would specialise silently).
-    dims = {axis: Dim(axis, min=1) if axis != "past" else Dim(axis, min=0)
+    dims = {axis: Dim(axis, min=1) if axis not in ("past", "fresh") else Dim(axis, min=0)
             for t in spec.inputs for axis in t.axes if isinstance(axis, str)}
     shapes = tuple({i: dims[axis] for i, axis in enumerate(t.axes) if isinstance(axis, str)} for t in spec.inputs)
-    return shapes if spec.name == "encoder" else (shapes[0], shapes[1], shapes[2:])  # prev, origin, *state
+    return shapes if spec.name == "encoder" else (shapes[0], shapes[1], shapes[2], shapes[3:])  # prev, origin, fresh, *state
 
 
 def clean_graph(proto: onnx.ModelProto, spec: GraphSpec) -> onnx.ModelProto:

@@ -62,7 +62,8 @@ class ArchitectureSpec:
 
     @property
     def decoder_step(self) -> GraphSpec:
-        inputs = ((TensorSpec("prev", "int64", ("batch",)), TensorSpec("origin", "int64", ("batch",)))
+        inputs = ((TensorSpec("prev", "int64", ("batch",)), TensorSpec("origin", "int64", ("batch",)),
+                   TensorSpec("fresh", "int64", ("fresh",)))
                   + self.static + self.step_dynamic_inputs)
         outputs = (
             TensorSpec("log_probs", "float32", ("batch", "vocab")),

@@ -78,7 +78,7 @@ def step_parity(model, engine: Engine, arch: ArchitectureSpec, src: torch.Tensor
         prev = torch.full((src.size(0),), 2, dtype=torch.long)
         for _ in range(steps):
             logits, state, attention = model.decode_step(prev, state)
-            feed = {"prev": prev.numpy(), "origin": np.arange(src.size(0)), "k": np.array([1]), "forced": prev.numpy(),
+            feed = {"prev": prev.numpy(), "origin": np.arange(src.size(0)), "fresh": np.zeros(0, dtype=np.int64), "k": np.array([1]), "forced": prev.numpy(),
                     **{n: onnx_state[n] for n in engine.static}, **{n: onnx_state[n] for n in engine.dynamic_names}}
             results = engine.step.run(None, feed)
             track(torch.log_softmax(logits.float(), -1), results[0])

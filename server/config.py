@@ -36,7 +36,7 @@ class ServerConfig:
     precision: str = _knob("auto", "graphs to load: auto = fp16 on CUDA when the bundle has it, else fp32",
                            ["auto", "fp32", "fp16", "int8"])
     threads: int = _knob(0, "onnxruntime intra-op threads per model (0: all cores)")
-    max_batch_tokens: int = _knob(4096, "most padded source tokens (times beam size) decoded together")
+    max_batch_tokens: int = _knob(16384, "most padded source tokens (times beam size) decoded together")
     max_batch_sentences: int = _knob(64, "most sentences decoded together (1 turns batching off)")
     max_wait_ms: float = _knob(5.0, "how long an idle model waits for more sentences before it starts a batch")
     max_queue: int = _knob(4096, "most sentences waiting for a batch; beyond it requests get RESOURCE_EXHAUSTED")

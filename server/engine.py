@@ -28,10 +28,9 @@ from server.bundle import Bundle, BundleError
 
 log = logging.getLogger(__name__)
 
-# Finished rows leave the batch once they are at least 1/COMPACT_FRACTION of it: copying the
-# state (cross-attention keys/values included) for every single finished row costs more than
-# the steps it saves.
-COMPACT_FRACTION = 4
+# A running batch's key/value cache is cut back to the steps its rows need once it is more than
+# twice that plus this many steps wide.
+TRIM_SLACK = 16
 
 
 @dataclasses.dataclass
@@ -61,13 +60,15 @@ class Hypothesis:
     text: str = ""
 
 
-def session_options(threads: int = 0) -> ort.SessionOptions:
+def session_options(threads: int = 0, spin: bool = True) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     options.log_severity_level = 3  # onnxruntime's per-node warnings are noise for users
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 
@@ -90,7 +91,11 @@ class Engine:
         self.bundle, self.precision = bundle, precision
         manifest = bundle.manifest
         providers = choose_providers(device)
-        options = session_options(threads)
+        # No spinning: the encoder and step sessions take turns, and one's idle workers spinning
+        # for work would take the cores the other runs on (measured on 2 cores, sentences
+        # joining a running batch: decoder steps 1.7x slower with spinning, and 1.8x the
+        # serving throughput without).
+        options = session_options(threads, spin=False)
         try:
             self.encoder = ort.InferenceSession(str(bundle.graph_path(precision, "encoder")), options, providers=providers)
             self.step = ort.InferenceSession(str(bundle.graph_path(precision, "decoder_step")), options, providers=providers)
@@ -114,7 +119,7 @@ class Engine:
         self.past_axis = {t["name"]: t["shape"].index("past") for t in self.dynamic if "past" in t["shape"]}
         self.encoder_outputs = [o.name for o in self.encoder.get_outputs()]
         self.step_outputs = ["top_log_probs", "top_ids", "forced_log_probs", "attention"] + [f"new_{n}" for n in self.dynamic_names]
-        missing = ({"prev", "origin", "k", "forced", *self.static, *self.dynamic_names} - {i.name for i in self.step.get_inputs()}
+        missing = ({"prev", "origin", "fresh", "k", "forced", *self.static, *self.dynamic_names} - {i.name for i in self.step.get_inputs()}
                    | set(self.step_outputs) - {o.name for o in self.step.get_outputs()})
         if missing:
             raise BundleError(f"{bundle.path}: the decoder_step graph lacks {sorted(missing)}; "
@@ -159,6 +164,7 @@ class Engine:
         target prefix)."""
         extra = int(no_eos is not None and no_eos.any())  # one more candidate replaces a dropped EOS
         feed = {"prev": ort.OrtValue.ortvalue_from_numpy(prev), "origin": ort.OrtValue.ortvalue_from_numpy(state.origin),
+                "fresh": ort.OrtValue.ortvalue_from_numpy(np.zeros(state.fresh, dtype=np.int64)),
                 "k": ort.OrtValue.ortvalue_from_numpy(np.array([k + extra], dtype=np.int64)),
                 "forced": ort.OrtValue.ortvalue_from_numpy(forced if forced is not None else np.zeros_like(prev)),
                 **state.static, **state.dynamic}
@@ -276,8 +282,7 @@ class BeamBatch:
 
     The search is model/decode.py's beam (greedy is K = 1): 2K best continuations a step, an
     EOS among the first K finishes a hypothesis, the K best others go on; a sentence is done
-    with K finished hypotheses or at its length limit. Done sentences' rows leave the batch in
-    bulk (see COMPACT_FRACTION) or when new sentences join.
+    with K finished hypotheses or at its length limit, and its rows leave the batch at once.
     """
 
     def __init__(self, engine: Engine, beam_size: int, alignment: bool = False):
@@ -312,7 +317,7 @@ class BeamBatch:
         if not items:
             return
         engine, K = self.engine, self.K
-        self._compact(force=True)
+        self._compact()
         width = max(len(item.src) for item in items)
         src = np.full((len(items), width), engine.pad, dtype=np.int64)
         for row, item in enumerate(items):
@@ -321,8 +326,7 @@ class BeamBatch:
         if self.state is None:
             self.state = _DecoderState(engine, tensors)
         else:
-            self.state.merge(tensors, past=int(self.steps.max(initial=0)),
-                             source_width=max(width, max((len(i.src) for i in self.items), default=0)))
+            self.state.join(tensors)
         m = len(items)
         self.items.extend(items)
         self.steps = np.concatenate([self.steps, np.zeros(m, dtype=np.int64)])
@@ -337,7 +341,7 @@ class BeamBatch:
         self.history = np.concatenate([self.history, np.full((m * K, self.history.shape[1]), engine.pad, dtype=np.int64)])
         if self.alignment:
             S = self.state.source_width
-            old = _fit(self.attention, 2, S)
+            old = np.pad(self.attention, ((0, 0), (0, 0), (0, S - self.attention.shape[2])))
             self.attention = np.concatenate([old, np.zeros((m * K, old.shape[1], S), dtype=np.float32)])
 
     def cancel(self, tags: set) -> int:
@@ -374,6 +378,9 @@ class BeamBatch:
         origin = (np.take_along_axis(top_beam, pick, 1) + np.arange(n)[:, None] * K).reshape(-1)
         self.prev = np.take_along_axis(top_token, pick, 1).reshape(-1).astype(np.int64)
         self.state.reorder(origin)
+        longest = int(self.steps.max()) + 1  # cached steps the next step needs, at most
+        if self.engine.past_axis and self.state.past_width() > 2 * longest + TRIM_SLACK:
+            self.state.trim_past(longest)
         self.history = np.concatenate([self.history[origin], self.prev[:, None]], axis=1)
         if self.alignment:
             self.attention = self.attention[origin]
@@ -408,21 +415,23 @@ class BeamBatch:
             alignment = self.attention[row, self.attention.shape[1] - length:, : len(item.src)].tolist()
         return Hypothesis(tokens, Engine._normalise(float(score), length, item.opts.length_penalty), alignment)
 
-    def _compact(self, force: bool = False) -> None:
-        """Drop the rows of closed sentences: when forced (new sentences are joining), when at
-        least 1/COMPACT_FRACTION of the batch is closed, or when a closed row would step past
-        the model's maximum length."""
+    def _compact(self) -> None:
+        """Drop the rows of closed (done or cancelled) sentences. Sentences from the end of the
+        batch fill the holes, so only the rows that move are copied, and a finished sentence
+        costs no further decoder work."""
         n, K = len(self.items), self.K
         closed = int(self.closed.sum())
-        if not closed or not (force or closed * COMPACT_FRACTION >= n
-                              or (self.closed & (self.steps >= self.engine.max_len - 2)).any()):
+        if not closed:
             return
-        keep = np.flatnonzero(~self.closed)
-        rows = (keep[:, None] * K + np.arange(K)).reshape(-1)
-        self.items = [self.items[b] for b in keep]
-        self.finished = [self.finished[b] for b in keep]
-        self.steps, self.limits, self.min_lengths = self.steps[keep], self.limits[keep], self.min_lengths[keep]
-        self.closed, self.scores = self.closed[keep], self.scores[keep]
+        alive = n - closed
+        order = np.arange(alive)
+        holes = np.flatnonzero(self.closed[:alive])
+        order[holes] = np.flatnonzero(~self.closed[alive:]) + alive
+        rows = (order[:, None] * K + np.arange(K)).reshape(-1)
+        self.items = [self.items[b] for b in order]
+        self.finished = [self.finished[b] for b in order]
+        self.steps, self.limits, self.min_lengths = self.steps[order], self.limits[order], self.min_lengths[order]
+        self.closed, self.scores = self.closed[order], self.scores[order]
         longest = int(self.steps.max(initial=0))  # older columns belong to sentences that left
         self.prev = self.prev[rows]
         self.history = self.history[rows][:, self.history.shape[1] - longest:]
@@ -433,77 +442,127 @@ class BeamBatch:
             self.history = np.zeros((0, 0), dtype=np.int64)
             self.attention = np.zeros((0, 0, 0), dtype=np.float32)
         else:
-            self.state.keep(rows)
-
-
-def _fit(array: np.ndarray, axis: int, width: int, left: bool = False) -> np.ndarray:
-    """Zero-pad (False for masks) or cut `axis` to `width`, on the right or on the left."""
-    size = array.shape[axis]
-    if size > width:
-        cut = [slice(None)] * array.ndim
-        cut[axis] = slice(size - width, None) if left else slice(0, width)
-        return array[tuple(cut)]
-    if size < width:
-        pad = [(0, 0)] * array.ndim
-        pad[axis] = (width - size, 0) if left else (0, width - size)
-        return np.pad(array, pad)
-    return array
+            self.state.move(rows, max(len(item.src) for item in self.items))
 
 
 class _DecoderState:
-    """The decoder state of one batch being decoded.
+    """The decoder state of the rows being decoded.
 
-    Static tensors (cross-attention keys/values, RNN memory) are wrapped as OrtValues once per
-    batch, on the execution provider's device. The dynamic state (key/value cache, RNN hidden
-    state) stays in the OrtValues onnxruntime returned, on that device too: it is copied to the
-    host only when sentences join. `origin` tells the next step which previous row each row
-    continues; the step graph applies it (Gather), which is how beams are reordered and
-    finished rows dropped."""
+    Static tensors (cross-attention keys/values, RNN memory) live in host buffers with room to
+    spare; the rows in use are the first `rows`, wrapped as OrtValues without a copy (CPU) or
+    copied to the device once per change (CUDA). Joining rows are written after them, and rows
+    leaving are replaced by rows moved from the end: both cost only the rows that change.
+
+    The dynamic state (key/value cache, RNN hidden state) stays in the OrtValues onnxruntime
+    returned, on the provider's device. The step graph gathers it by `origin`: row i continues
+    row origin[i] of the previous step's state followed by `fresh` all-zero rows. That is how
+    beams are reordered, finished rows dropped and (Transformer) new sentences added with
+    empty caches, with no host copy. An RNN's initial state comes from the encoder, so its
+    joining rows are merged on the host (the RNN state is one vector a row)."""
 
     def __init__(self, engine: Engine, tensors: dict[str, np.ndarray]):
         self.engine = engine
-        self.static_host = {name: tensors[name] for name in engine.static}
-        self.static = {name: engine._ort_value(value) for name, value in self.static_host.items()}
+        self.rows = len(next(iter(tensors.values())))
+        self.buffers = {name: np.ascontiguousarray(tensors[name]) for name in engine.static}
         self.dynamic = {name: engine._ort_value(tensors[name]) for name in engine.dynamic_names}
-        self.origin = np.arange(len(next(iter(self.static_host.values()))), dtype=np.int64)
+        self.previous_rows = self.rows  # rows of the dynamic state the next step reads
+        self.origin = np.arange(self.rows, dtype=np.int64)
+        self.fresh = 0
+        self._wrap_static()
+
+    def _wrap_static(self) -> None:
+        self.static = {name: self.engine._ort_value(buffer[: self.rows]) for name, buffer in self.buffers.items()}
 
     @property
     def source_width(self) -> int:
         name, axis = next(iter(self.engine.source_axis.items()))
-        return self.static_host[name].shape[axis]
+        return self.buffers[name].shape[axis]
 
     def stepped(self, dynamic: dict[str, ort.OrtValue], rows: int) -> None:
         self.dynamic = dynamic
+        self.previous_rows = rows
         self.origin = np.arange(rows, dtype=np.int64)
+        self.fresh = 0
 
     def reorder(self, origin: np.ndarray) -> None:
         """Row i continues row origin[i] (beam search)."""
         self.origin = self.origin[origin]
 
-    def keep(self, rows: np.ndarray) -> None:
-        """Only these rows go on; the static tensors are compacted on the host."""
+    def move(self, rows: np.ndarray, source_width: int) -> None:
+        """Row i becomes the current row rows[i]; rows not listed leave. `source_width`: the
+        longest source left; the buffers narrow to it once they are twice as wide (a long
+        sentence that has left must not make every later step attend over its padding)."""
         self.origin = self.origin[rows]
-        self.static_host = {name: value[rows] for name, value in self.static_host.items()}
-        self.static = {name: self.engine._ort_value(value) for name, value in self.static_host.items()}
+        moved = np.flatnonzero(rows != np.arange(len(rows)))
+        for buffer in self.buffers.values():
+            buffer[moved] = buffer[rows[moved]]  # the right side is read (copied) first
+        self.rows = len(rows)
+        if self.engine.source_axis and 2 * source_width < self.source_width:
+            for name, buffer in self.buffers.items():
+                axis = self.engine.source_axis.get(name)
+                if axis is not None:
+                    cut = (slice(None),) * axis + (slice(0, source_width),)
+                    self.buffers[name] = np.ascontiguousarray(buffer[cut])
+        self._wrap_static()
 
-    def merge(self, new: dict[str, np.ndarray], past: int, source_width: int) -> None:
+    def join(self, new: dict[str, np.ndarray]) -> None:
         """Append the rows of freshly encoded sentences (`new`: encoder outputs and initial
-        dynamic state). Source axes are fitted to `source_width` (right padding, masked by the
-        source mask); cached-step axes keep the last `past` steps (no remaining row has more)
-        and the joining rows' caches are padded on the left, where their cache mask is False."""
-        engine = self.engine
-        for name, value in self.static_host.items():
+        dynamic state). Source axes are padded to the widest source (masked by the source mask)."""
+        engine, added = self.engine, len(next(iter(new.values())))
+        width = max(self.source_width, *(new[name].shape[axis] for name, axis in engine.source_axis.items()))
+        capacity = len(next(iter(self.buffers.values())))
+        if width > self.source_width or self.rows + added > capacity:
+            if self.rows + added > capacity:
+                capacity = max(2 * capacity, self.rows + added)
+            for name, buffer in self.buffers.items():
+                self.buffers[name] = _resized(buffer[: self.rows], capacity, engine.source_axis.get(name), width)
+        for name, buffer in self.buffers.items():
+            block = buffer[self.rows : self.rows + added]
+            block[...] = 0  # padding: zero keys, False mask
             axis = engine.source_axis.get(name)
-            old, added = (value, new[name]) if axis is None else (_fit(value, axis, source_width), _fit(new[name], axis, source_width))
-            self.static_host[name] = np.concatenate([old, added])
-        self.static = {name: engine._ort_value(value) for name, value in self.static_host.items()}
+            region = (slice(None),) * axis + (slice(0, new[name].shape[axis]),) if axis is not None else (slice(None),)
+            block[region] = new[name]
+        self.rows += added
+        self._wrap_static()
+        if engine.dynamic_from_encoder:
+            self.dynamic = {name: engine._ort_value(np.concatenate([value.numpy()[self.origin], new[name]]))
+                            for name, value in self.dynamic.items()}
+            self.previous_rows, self.origin, self.fresh = self.rows, np.arange(self.rows, dtype=np.int64), 0
+        else:  # all-zero initial state: the step graph appends it (see `fresh`)
+            start = self.previous_rows + self.fresh
+            self.origin = np.concatenate([self.origin, np.arange(start, start + added, dtype=np.int64)])
+            self.fresh += added
+
+    def past_width(self) -> int:
+        widths = [value.shape()[self.engine.past_axis[name]] for name, value in self.dynamic.items() if name in self.engine.past_axis]
+        return max(widths, default=0)
+
+    def trim_past(self, keep: int) -> None:
+        """Keep the last `keep` cached steps (the longest a remaining row has): a batch that
+        keeps running while sentences come and go would otherwise cache steps forever."""
         dynamic = {}
         for name, value in self.dynamic.items():
-            old, added = value.numpy()[self.origin], new[name]
-            axis = engine.past_axis.get(name)
+            host = value.numpy()
+            if self.fresh:
+                host = np.concatenate([host, np.zeros((self.fresh,) + host.shape[1:], dtype=host.dtype)])
+            host = host[self.origin]
+            axis = self.engine.past_axis.get(name)
             if axis is not None:
-                width = max(past, added.shape[axis])
-                old, added = _fit(old, axis, width, left=True), _fit(added, axis, width, left=True)
-            dynamic[name] = engine._ort_value(np.concatenate([old, added]))
+                host = np.ascontiguousarray(host[(slice(None),) * axis + (slice(host.shape[axis] - keep, None),)])
+            dynamic[name] = self.engine._ort_value(host)
         self.dynamic = dynamic
-        self.origin = np.arange(len(next(iter(self.static_host.values()))), dtype=np.int64)
+        self.previous_rows, self.origin, self.fresh = self.rows, np.arange(self.rows, dtype=np.int64), 0
+
+
+def _resized(array: np.ndarray, capacity: int, axis: int | None, width: int) -> np.ndarray:
+    """A zeroed buffer of `capacity` rows (and `width` along the source axis) holding `array`."""
+    shape = list(array.shape)
+    shape[0] = capacity
+    if axis is not None:
+        shape[axis] = width
+    out = np.zeros(shape, dtype=array.dtype)
+    region = [slice(0, len(array))] + [slice(None)] * (array.ndim - 1)
+    if axis is not None:
+        region[axis] = slice(0, array.shape[axis])
+    out[tuple(region)] = array
+    return out

@@ -10,7 +10,8 @@ leaves its batch the step it is done, so a long sentence never holds short ones 
                 stays within max_batch_sentences and max_batch_tokens (padded source tokens
                 times beam size).
     waiting     an idle model waits at most max_wait_ms for a batch to fill before starting;
-                a running batch takes newcomers at its next step without waiting.
+                a running batch takes newcomers between two steps once they are a quarter of
+                it, or the oldest has waited max_wait_ms.
     deadlines   a sentence whose request has expired or been cancelled is dropped, waiting or
                 decoding; the request is answered once, with the reason.
 
@@ -31,6 +32,10 @@ from server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
+# Newcomers join a running batch once they are this fraction of it (or the oldest has waited
+# max_wait_ms, or they fill it): each join costs about one decoder step (the batch's state is
+# copied), so joining a sentence or two at every step would halve the throughput.
+JOIN_FRACTION = 0.25
 SWEEP_SECONDS = 0.01  # how often waiting sentences are checked for expired or cancelled requests
 
 
@@ -50,7 +55,7 @@ class SchedulerError(Exception):
 
 @dataclasses.dataclass
 class BatchingConfig:
-    max_batch_tokens: int = 4096
+    max_batch_tokens: int = 16384
     max_batch_sentences: int = 64
     max_wait_ms: float = 5.0
     max_queue: int = 4096
@@ -202,6 +207,10 @@ class Scheduler:
         room = self.config.max_batch_sentences - sentences
         if room <= 0 or not queue:
             return []
+        waited = time.monotonic() - queue[0][0].enqueued
+        if (sentences and len(queue) < min(room, sentences * JOIN_FRACTION)
+                and waited < self.config.max_wait_ms / 1000):
+            return []  # a join copies the running batch's state: wait (bounded) for a few more
         longest = max((len(item.src) for item, closed in zip(batch.items, batch.closed) if not closed), default=0) if batch else 0
         reference = longest or len(queue[0][0].sources[queue[0][1]])
         window = list(queue)[: 4 * self.config.max_batch_sentences]

@@ -152,3 +152,22 @@ def test_cancelled_sentences_leave_without_a_result(bundles) -> None:
     while len(batch):
         done.update((item.tag, hyps) for item, hyps in batch.step())
     assert sorted(done) == [0, 2]
+
+
+def test_a_long_running_batch_keeps_its_buffers_bounded(bundles) -> None:
+    """Sentences of alternating lengths joining and leaving for many steps: the static buffers
+    grow only with the rows in use and the cache only with the steps the rows need."""
+    from server.engine import BeamBatch, SearchItem
+
+    engine = Engine(load_bundle(bundles["transformer"]), "fp32", device="cpu")
+    short, long = engine.encode_texts(["the cat", "the old house has the big green car and the red book"])
+    batch = BeamBatch(engine, 2)
+    opts = TranslationOptions(beam_size=2, min_length=3, max_len_a=0, max_len_b=6)
+    for i in range(120):
+        batch.add([SearchItem(long if i % 2 else short, opts, None, i)])
+        batch.step()
+        if batch.state is not None:
+            assert len(next(iter(batch.state.buffers.values()))) <= 2 * 2 * 8  # rows: at most ~7 sentences x 2 beams, doubled
+            assert batch.state.past_width() <= 2 * 7 + 16 + 1
+    while len(batch):
+        batch.step()
