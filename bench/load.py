@@ -4,8 +4,9 @@
 
 C concurrent clients (each its own channel, one sentence per request, the next request as soon
 as the answer comes: a closed loop) against `attnserve serve` in a subprocess, with batching on
-(the defaults) and off (--max-batch-sentences 1); then the offline engine translates the same
-sentences in length-sorted batches in this process, with the same threads and beam. Prints a
+(the defaults) and off (--max-batch-sentences 1), and optionally against the scheduler in this
+process without gRPC (--modes scheduler); the offline engine translates the same sentences in
+length-sorted batches in this process, with the same threads and beam. Prints a
 Markdown table and writes JSON; ratios are computed within this one run.
 
 The clients run in this process on grpc.aio (one thread, no per-client threads), so on a small
@@ -103,9 +104,58 @@ def run_server(mode: str, repository: Path, threads: int, sentences: list[str], 
         process.wait(60)
 
 
-def run_offline(repository: Path, model: str, threads: int, sentences: list[str], beam: int) -> dict[str, Any]:
+def run_scheduler(repository: Path, model: str, threads: int, sentences: list[str], clients: list[int],
+                  beam: int) -> list[dict[str, Any]]:
+    """The same closed loop against the scheduler in this process, without gRPC: what batching
+    itself achieves, and so what the RPC layer costs."""
+    import threading
+
+    from server.scheduler import BatchingConfig, Job, Scheduler
+
+    engine = _engine(repository, model, threads)
+    sources = engine.encode_texts(sentences)
+    opts = TranslationOptions(beam_size=beam)
+    rows = []
+    for count in clients:
+        scheduler = Scheduler(engine, model, BatchingConfig(max_batch_tokens=16384))
+        next_index, lock, latencies = [0], threading.Lock(), []
+
+        def client() -> None:
+            while True:
+                with lock:
+                    if next_index[0] >= len(sources):
+                        return
+                    index = next_index[0]
+                    next_index[0] += 1
+                started = time.perf_counter()
+                job = Job([sources[index]], opts)
+                scheduler.submit(job)
+                job.wait()
+                latencies.append(time.perf_counter() - started)
+
+        started = time.perf_counter()
+        workers = [threading.Thread(target=client) for _ in range(count)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        elapsed = time.perf_counter() - started
+        scheduler.close()
+        row = {"mode": "scheduler in-process, no gRPC", "clients": count, "sentences": len(sources),
+               "seconds": round(elapsed, 3), "sentences_per_s": round(len(sources) / elapsed, 2),
+               "p50_ms": round(1000 * statistics.median(latencies), 1), "p99_ms": round(1000 * _percentile(latencies, 0.99), 1)}
+        log.info("%s", row)
+        rows.append(row)
+    return rows
+
+
+def _engine(repository: Path, model: str, threads: int) -> Engine:
     versions = sorted((p for p in (repository / model).iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
-    engine = Engine(load_bundle(versions[-1]), "fp32", device="cpu", threads=threads)
+    return Engine(load_bundle(versions[-1]), "fp32", device="cpu", threads=threads)
+
+
+def run_offline(repository: Path, model: str, threads: int, sentences: list[str], beam: int) -> dict[str, Any]:
+    engine = _engine(repository, model, threads)
     opts = TranslationOptions(beam_size=beam)
     engine.translate(sentences[:32], opts)  # warm-up
     started = time.perf_counter()
@@ -125,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--beam", type=int, default=4)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="onnxruntime threads (server and offline)")
-    parser.add_argument("--modes", nargs="+", default=["on", "off"], choices=["on", "off"])
+    parser.add_argument("--modes", nargs="+", default=["on", "off"], choices=["on", "off", "scheduler"],
+                        help="on/off: the server with batching on/off; scheduler: batching in-process, no gRPC")
     parser.add_argument("--out", type=Path, default=Path("build/bench-load.json"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -136,7 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = [run_offline(args.repository, args.model, args.threads, sentences, args.beam)]
     log.info("%s", rows[0])
     for mode in args.modes:
-        rows += run_server(mode, args.repository, args.threads, sentences, args.clients, args.beam, warmup=64)
+        if mode == "scheduler":
+            rows += run_scheduler(args.repository, args.model, args.threads, sentences, args.clients, args.beam)
+        else:
+            rows += run_server(mode, args.repository, args.threads, sentences, args.clients, args.beam, warmup=64)
     offline = rows[0]["sentences_per_s"]
     by_key = {(r["mode"], r["clients"]): r for r in rows}
     lines = ["| mode | clients | sentences/s | p50 ms | p99 ms | vs offline | vs batching off |",
