@@ -206,8 +206,6 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
             call.code = grpc.StatusCode.CANCELLED
             raise
         except Exception as exc:
-            if isinstance(exc, grpc.RpcError) or type(exc).__name__ == "_AbortError":
-                raise
             call.code = grpc.StatusCode.INTERNAL
             log.exception("%s failed", rpc)
             context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
@@ -396,7 +394,8 @@ class TranslationServer:
         if self.config.metrics_port:
             self.metrics_port = self.metrics.serve(self.config.metrics_port)
         self.grpc.start()
-        log.info("serving %s on port %d (metrics on %s)", SERVICE_NAME, self.port, self.metrics_port or "off")
+        log.info("serving %s on port %d (metrics: %s)", SERVICE_NAME, self.port,
+                 f"http port {self.metrics_port}" if self.metrics_port else "off")
 
     def stop(self, grace: float | None = None) -> None:
         """Drain: health NOT_SERVING, new RPCs refused, in-flight ones get `grace` seconds."""
