@@ -358,3 +358,32 @@ def wait_for(condition, timeout: float = 30.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         time.sleep(0.05)
+
+
+def test_sighup_loads_a_new_version(bundles, tmp_path) -> None:
+    """Polling off: a new version is picked up on SIGHUP, verified, and takes the traffic."""
+    import signal
+
+    repo = tmp_path / "repo"
+    shutil.copytree(bundles["transformer"], repo / "toy" / "1")
+    port = free_port()
+    attnserve = ROOT / ".venv" / "bin" / "attnserve"
+    process = subprocess.Popen([str(attnserve) if attnserve.exists() else "attnserve", "serve", "--host", "127.0.0.1",
+                                "--port", str(port), "--metrics-port", "0", "--model-repository", str(repo),
+                                "--default-model", "toy", "--poll-seconds", "0", "--threads", "1"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        with TranslatorClient(f"127.0.0.1:{port}", timeout=30) as client:
+            client.wait_until_serving(60)
+            assert client.translate(["a b c"]).version == "1"
+            shutil.copytree(bundles["transformer"], repo / "toy" / "2")
+            time.sleep(0.5)
+            assert client.translate(["a b c"]).version == "1"  # no polling: nothing changes by itself
+            process.send_signal(signal.SIGHUP)
+            wait_for(lambda: client.translate(["a b c"]).version == "2")
+            assert client.get_model("toy", "1").state == pb.ModelInfo.UNLOADED
+        process.terminate()
+        assert process.wait(30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
