@@ -387,3 +387,36 @@ def test_sighup_loads_a_new_version(bundles, tmp_path) -> None:
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_client_retries_unavailable_and_nothing_else() -> None:
+    """The client's retry policy (gRPC's own, from its service config): UNAVAILABLE is retried
+    with backoff, other codes are not."""
+    from concurrent import futures
+
+    class Flaky(pb_grpc.TranslatorServicer):
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def Translate(self, request, context):
+            self.calls += 1
+            if request.model == "broken":
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "not retried")
+            if self.calls < 3:
+                context.abort(grpc.StatusCode.UNAVAILABLE, "warming up")
+            return pb.TranslateResponse(model="flaky", version=str(self.calls))
+
+    servicer = Flaky()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    pb_grpc.add_TranslatorServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with TranslatorClient(f"127.0.0.1:{port}", attempts=4) as client:
+            assert client.translate(["x"]).version == "3"  # two UNAVAILABLE, then the answer
+            servicer.calls = 10
+            with pytest.raises(grpc.RpcError) as error:
+                client.translate(["x"], model="broken")
+            assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and servicer.calls == 11
+    finally:
+        server.stop(0)
