@@ -110,14 +110,16 @@ def run_scheduler(repository: Path, model: str, threads: int, sentences: list[st
     itself achieves, and so what the RPC layer costs."""
     import threading
 
-    from server.scheduler import BatchingConfig, Job, Scheduler
+    from server.repository import EngineConfig
+    from server.scheduler import BatchingConfig, Job, SchedulerGroup
 
-    engine = _engine(repository, model, threads)
-    sources = engine.encode_texts(sentences)
+    instances, per_instance = EngineConfig(threads=threads).layout(on_cuda=False)  # as the server does
+    engines = [_engine(repository, model, per_instance) for _ in range(instances)]
+    sources = engines[0].encode_texts(sentences)
     opts = TranslationOptions(beam_size=beam)
     rows = []
     for count in clients:
-        scheduler = Scheduler(engine, model, BatchingConfig(max_batch_tokens=16384))
+        scheduler = SchedulerGroup(engines, model, BatchingConfig())
         next_index, lock, latencies = [0], threading.Lock(), []
 
         def client() -> None:
@@ -165,6 +167,12 @@ def run_offline(repository: Path, model: str, threads: int, sentences: list[str]
             "seconds": round(elapsed, 3), "sentences_per_s": round(len(sentences) / elapsed, 2), "p50_ms": None, "p99_ms": None}
 
 
+def _median_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median throughput (its latencies with it)."""
+    ordered = sorted(rows, key=lambda r: r["sentences_per_s"])
+    return {**ordered[len(ordered) // 2], "runs_sentences_per_s": [r["sentences_per_s"] for r in rows]}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="attnserve bench-load", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -177,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="onnxruntime threads (server and offline)")
     parser.add_argument("--modes", nargs="+", default=["on", "off"], choices=["on", "off", "scheduler"],
                         help="on/off: the server with batching on/off; scheduler: batching in-process, no gRPC")
+    parser.add_argument("--repeat", type=int, default=3, help="run everything this many times; report the median "
+                        "of each row (these machines are noisy)")
     parser.add_argument("--out", type=Path, default=Path("build/bench-load.json"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -184,13 +194,17 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s not found: build the corpus first (attnserve data build --out data/en-fr)", args.data)
         return 2
     sentences = [line.split("\t")[0] for line in args.data.read_text().splitlines()[: args.sentences]]
-    rows = [run_offline(args.repository, args.model, args.threads, sentences, args.beam)]
-    log.info("%s", rows[0])
-    for mode in args.modes:
-        if mode == "scheduler":
-            rows += run_scheduler(args.repository, args.model, args.threads, sentences, args.clients, args.beam)
-        else:
-            rows += run_server(mode, args.repository, args.threads, sentences, args.clients, args.beam, warmup=64)
+    runs: list[list[dict[str, Any]]] = []
+    for repeat in range(args.repeat):
+        rows = [run_offline(args.repository, args.model, args.threads, sentences, args.beam)]
+        log.info("%s", rows[0])
+        for mode in args.modes:
+            if mode == "scheduler":
+                rows += run_scheduler(args.repository, args.model, args.threads, sentences, args.clients, args.beam)
+            else:
+                rows += run_server(mode, args.repository, args.threads, sentences, args.clients, args.beam, warmup=64)
+        runs.append(rows)
+    rows = [_median_row([run[i] for run in runs]) for i in range(len(runs[0]))]
     offline = rows[0]["sentences_per_s"]
     by_key = {(r["mode"], r["clients"]): r for r in rows}
     lines = ["| mode | clients | sentences/s | p50 ms | p99 ms | vs offline | vs batching off |",
@@ -205,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"command": "attnserve bench-load " + " ".join(argv if argv is not None else sys.argv[2:]),
                                     "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()},
-                                    "beam": args.beam, "threads": args.threads, "rows": rows}, indent=2))
+                                    "beam": args.beam, "threads": args.threads, "rows": rows, "runs": runs}, indent=2))
     return 0
 
 

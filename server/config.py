@@ -35,7 +35,9 @@ class ServerConfig:
     device: str = _knob("auto", "execution provider: cuda where a GPU is present (auto), or force one", ["auto", "cpu", "cuda"])
     precision: str = _knob("auto", "graphs to load: auto = fp16 on CUDA when the bundle has it, else fp32",
                            ["auto", "fp32", "fp16", "int8"])
-    threads: int = _knob(0, "onnxruntime intra-op threads per model (0: all cores)")
+    threads: int = _knob(0, "onnxruntime threads per model, split among its instances (0: all cores)")
+    instances: int = _knob(0, "engine instances per model, each with its own scheduler thread and a share of the "
+                              "threads; jobs go to the least loaded (0: auto = 2 on CPU with 2+ threads, else 1)")
     max_batch_tokens: int = _knob(16384, "most padded source tokens (times beam size) decoded together")
     max_batch_sentences: int = _knob(64, "most sentences decoded together (1 turns batching off)")
     max_wait_ms: float = _knob(5.0, "how long an idle model waits for more sentences before it starts a batch")
@@ -64,6 +66,8 @@ class ServerConfig:
         for name in ("port", "metrics_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 problems.append(f"{name} must be a port number")
+        if self.instances < 0 or self.threads < 0:
+            problems.append("instances and threads must be >= 0")
         if bool(self.tls_cert) != bool(self.tls_key):
             problems.append("tls_cert and tls_key go together")
         if self.default_beam_size > self.max_beam_size:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -23,7 +24,7 @@ from pathlib import Path
 from server.bundle import Bundle, BundleError, load_bundle
 from server.engine import Engine, TranslationOptions, choose_providers
 from server.metrics import Metrics
-from server.scheduler import BatchingConfig, Scheduler
+from server.scheduler import BatchingConfig, SchedulerGroup
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class ModelVersion:
     fingerprint: tuple = ()
     bundle: Bundle | None = None
     engine: Engine | None = None
-    scheduler: Scheduler | None = None
+    scheduler: SchedulerGroup | None = None
 
     @property
     def number(self) -> int:
@@ -56,7 +57,14 @@ class ModelVersion:
 class EngineConfig:
     device: str = "auto"
     precision: str = "auto"
-    threads: int = 0
+    threads: int = 0  # onnxruntime threads for the model, split among its instances (0: all cores)
+    instances: int = 0  # 0: 2 on CPU with 2+ threads, else 1
+
+    def layout(self, on_cuda: bool) -> tuple[int, int]:
+        """(instances, threads per instance)."""
+        threads = self.threads or os.cpu_count() or 1
+        instances = self.instances or (2 if not on_cuda and threads >= 2 else 1)
+        return instances, max(1, threads // instances)
 
 
 def fingerprint(path: Path) -> tuple:
@@ -162,11 +170,15 @@ class ModelRepository:
             bundle = load_bundle(version.path, verify=True)
             config = self.engine_config
             on_cuda = choose_providers(config.device)[0] == "CUDAExecutionProvider"
-            engine = Engine(bundle, choose_precision(bundle, config.precision, on_cuda), config.device, config.threads)
-            engine.warm_up()
-            hypotheses = engine.translate([WARM_UP_SENTENCE], TranslationOptions(beam_size=2))[0]
-            if not hypotheses or not hypotheses[0].text.strip():
-                raise BundleError("the warm-up translation came back empty")
+            instances, threads = config.layout(on_cuda)
+            precision = choose_precision(bundle, config.precision, on_cuda)
+            engines = [Engine(bundle, precision, config.device, threads) for _ in range(instances)]
+            for engine in engines:
+                engine.warm_up()
+                hypotheses = engine.translate([WARM_UP_SENTENCE], TranslationOptions(beam_size=2))[0]
+                if not hypotheses or not hypotheses[0].text.strip():
+                    raise BundleError("the warm-up translation came back empty")
+            engine = engines[0]
         except Exception as exc:  # anything wrong with a new version must leave the others serving
             version.state, version.reason = FAILED, str(exc)
             log.error("model %s version %s refused: %s", version.name, version.version, exc)
@@ -174,12 +186,13 @@ class ModelRepository:
                 self.metrics.load_failures.labels(version.name).inc()
             return
         version.bundle, version.engine = bundle, engine
-        version.scheduler = Scheduler(engine, version.name, self.batching, self.metrics)
+        version.scheduler = SchedulerGroup(engines, version.name, self.batching, self.metrics)
         version.state, version.reason = READY, ""
         if self.metrics is not None:
             self.metrics.model_info.labels(version.name, version.version, engine.precision, engine.provider).set(1)
-        log.info("model %s version %s ready (%s, %s) in %.1f s; warm-up: %r -> %r", version.name, version.version,
-                 engine.precision, engine.provider, time.monotonic() - started, WARM_UP_SENTENCE, hypotheses[0].text)
+        log.info("model %s version %s ready (%s, %s, %d instance(s) x %d thread(s)) in %.1f s; warm-up: %r -> %r",
+                 version.name, version.version, engine.precision, engine.provider, instances, threads,
+                 time.monotonic() - started, WARM_UP_SENTENCE, hypotheses[0].text)
 
     def _restore_rolled_back(self, found: dict[tuple[str, str], Path]) -> None:
         """A model left without a ready version (its newest was removed: a rollback) gets its

@@ -342,7 +342,7 @@ class TranslationServer:
         self.health = health.HealthServicer(experimental_non_blocking=True,
                                             experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=4))
         self.repository = ModelRepository(
-            config.model_repository, EngineConfig(config.device, config.precision, config.threads),
+            config.model_repository, EngineConfig(config.device, config.precision, config.threads, config.instances),
             BatchingConfig(config.max_batch_tokens, config.max_batch_sentences, config.max_wait_ms, config.max_queue),
             self.metrics, on_change=self.update_health)
         self.servicer = TranslatorServicer(config, self.repository, self.metrics)

@@ -83,9 +83,9 @@ def test_queue_full_deadline_and_cancel(engine) -> None:
         scheduler.cancel(running)
         assert running.wait(10) and running.error.reason == SchedulerError.CANCELLED
         deadline = time.monotonic() + 10
-        while (scheduler._active or scheduler.queued) and time.monotonic() < deadline:
+        while scheduler.busy and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert not scheduler._active and scheduler.queued == 0
+        assert not scheduler.busy
         after = Job([ids], forced_length(2))
         scheduler.submit(after)
         assert after.wait(10) and after.error is None

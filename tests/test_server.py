@@ -186,7 +186,7 @@ def test_expired_deadline_fails_cleanly(served) -> None:
         client.translate(SENTENCES, timeout=0.001)
     assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     scheduler = server.repository.get("en-fr").scheduler
-    wait_for(lambda: not scheduler._active and scheduler.queued == 0)
+    wait_for(lambda: not scheduler.busy)
     assert len(client.translate_text(SENTENCES)) == len(SENTENCES)
 
 
@@ -196,9 +196,9 @@ def test_cancellation_frees_the_work(served) -> None:
     long_sentences = ["Save changes to the document before closing it, or discard them and quit now?"] * 8
     future = client.stub.Translate.future(pb.TranslateRequest(sentences=long_sentences,
                                                               options=pb.TranslationOptions(beam_size=8)), timeout=60)
-    wait_for(lambda: scheduler._active or scheduler.queued)
+    wait_for(lambda: scheduler.busy)
     future.cancel()
-    wait_for(lambda: not scheduler._active and scheduler.queued == 0)
+    wait_for(lambda: not scheduler.busy)
     assert future.cancelled()
     assert client.translate_text(["Settings"])
 
