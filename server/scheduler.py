@@ -110,6 +110,12 @@ class Job:
         return True
 
 
+def _check_room(model: str, queued: int, adding: int, max_queue: int) -> None:
+    if queued + adding > max_queue:
+        raise SchedulerError(SchedulerError.QUEUE_FULL,
+                             f"model {model}: {queued} sentences already waiting (at most {max_queue}); retry later")
+
+
 class Scheduler:
     def __init__(self, engine: Engine, model: str, config: BatchingConfig, metrics: Metrics | None = None):
         self.engine, self.model, self.config, self.metrics = engine, model, config, metrics
@@ -134,10 +140,7 @@ class Scheduler:
         with self._cond:
             if self._closing:
                 raise SchedulerError(SchedulerError.CLOSED, f"model {self.model} is shutting down")
-            if self._queued + len(job.sources) > self.config.max_queue:
-                raise SchedulerError(SchedulerError.QUEUE_FULL,
-                                     f"model {self.model}: {self._queued} sentences already waiting "
-                                     f"(at most {self.config.max_queue}); retry later")
+            _check_room(self.model, self._queued, len(job.sources), self.config.max_queue)
             self._waiting.setdefault(lane, collections.deque()).extend((job, i) for i in range(len(job.sources)))
             self._queued += len(job.sources)
             job.scheduler = self
@@ -342,12 +345,8 @@ class SchedulerGroup:
             metrics.queue_depth.labels(model).set_function(lambda: self.queued)
 
     def submit(self, job: Job) -> None:
-        scheduler = min(self.schedulers, key=lambda s: s.load)
-        if self.queued + len(job.sources) > self.config.max_queue:  # the bound is the model's, not an instance's
-            raise SchedulerError(SchedulerError.QUEUE_FULL,
-                                 f"model {self.model}: {self.queued} sentences already waiting "
-                                 f"(at most {self.config.max_queue}); retry later")
-        scheduler.submit(job)
+        _check_room(self.model, self.queued, len(job.sources), self.config.max_queue)  # the model's bound
+        min(self.schedulers, key=lambda s: s.load).submit(job)
 
     def cancel(self, job: Job, reason: str = SchedulerError.CANCELLED) -> None:
         scheduler = getattr(job, "scheduler", None)
