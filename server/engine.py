@@ -340,9 +340,8 @@ class BeamBatch:
         self.prev = np.concatenate([self.prev, np.full(m * K, engine.bos, dtype=np.int64)])
         self.history = np.concatenate([self.history, np.full((m * K, self.history.shape[1]), engine.pad, dtype=np.int64)])
         if self.alignment:
-            S = self.state.source_width
-            old = np.pad(self.attention, ((0, 0), (0, 0), (0, S - self.attention.shape[2])))
-            self.attention = np.concatenate([old, np.zeros((m * K, old.shape[1], S), dtype=np.float32)])
+            old = _fit_width(self.attention, self.state.source_width)
+            self.attention = np.concatenate([old, np.zeros((m * K,) + old.shape[1:], dtype=np.float32)])
 
     def cancel(self, tags: set) -> int:
         """Stop decoding the sentences with these tags (no result); returns how many."""
@@ -360,8 +359,8 @@ class BeamBatch:
             return []
         no_eos = np.repeat(self.steps < self.min_lengths, K)
         top_log_probs, top_ids, alignment = engine._step(self.state, self.prev, 2 * K, no_eos, self.alignment, self._forced())
-        if self.alignment:
-            self.attention = np.concatenate([self.attention, alignment[:, None, :]], axis=1)
+        if self.alignment:  # the source width may have changed since the last step (joins, narrowing)
+            self.attention = np.concatenate([_fit_width(self.attention, alignment.shape[1]), alignment[:, None, :]], axis=1)
         candidates = (self.scores.reshape(n * K, 1) + top_log_probs).reshape(n, 2 * K * K)
         tokens = top_ids.reshape(n, 2 * K * K)
         # Best first; ties go to the lower (beam, token) index, as torch.topk over (K * V).
@@ -443,6 +442,13 @@ class BeamBatch:
             self.attention = np.zeros((0, 0, 0), dtype=np.float32)
         else:
             self.state.move(rows, max(len(item.src) for item in self.items))
+
+
+def _fit_width(attention: np.ndarray, width: int) -> np.ndarray:
+    """Attention history (rows, steps, S) cut or zero-padded to S = width source positions (no
+    remaining sentence is longer than the batch's source width)."""
+    S = attention.shape[2]
+    return attention[:, :, :width] if S >= width else np.pad(attention, ((0, 0), (0, 0), (0, width - S)))
 
 
 class _DecoderState:

@@ -171,3 +171,25 @@ def test_a_long_running_batch_keeps_its_buffers_bounded(bundles) -> None:
             assert batch.state.past_width() <= 2 * 7 + 16 + 1
     while len(batch):
         batch.step()
+
+
+def test_alignments_survive_the_batch_narrowing(bundles) -> None:
+    """A long sentence leaves first: the batch's source buffers narrow to the short ones, and
+    the alignments of those that stay keep their shape and their sum."""
+    from server.engine import BeamBatch, SearchItem
+
+    engine = Engine(load_bundle(bundles["transformer"]), "fp32", device="cpu")
+    long, short = engine.encode_texts(["the old house has the big green car and the red book and the tree", "the cat"])
+    batch = BeamBatch(engine, 2, alignment=True)
+    batch.add([SearchItem(long, TranslationOptions(beam_size=2, max_len_a=0, max_len_b=2, return_alignment=True), None, "long"),
+               SearchItem(short, TranslationOptions(beam_size=2, min_length=6, max_len_a=0, max_len_b=8, return_alignment=True),
+                          None, "short")])
+    done, widths = {}, []
+    while len(batch):
+        done.update((item.tag, hyps) for item, hyps in batch.step())
+        if batch.state is not None:
+            widths.append(batch.state.source_width)
+    assert widths[0] == len(long) and min(widths) == len(short)  # it did narrow while "short" went on
+    for tag, src in (("long", long), ("short", short)):
+        for row in done[tag][0].alignment:
+            assert len(row) == len(src) and sum(row) == pytest.approx(1.0, abs=1e-4)
