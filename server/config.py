@@ -45,6 +45,8 @@ class ServerConfig:
     max_sentences_per_request: int = _knob(256, "most sentences in one Translate request")
     max_tokens_per_sentence: int = _knob(256, "most source subword tokens in one sentence")
     max_message_bytes: int = _knob(4 * 1024 * 1024, "largest gRPC message received or sent")
+    stream_window: int = _knob(128, "most items of one TranslateStream in flight; beyond, the server stops reading "
+                                    "the stream until results go out (HTTP/2 flow control holds the client)")
     default_beam_size: int = _knob(4, "beam size of requests that ask for none")
     max_beam_size: int = _knob(16, "largest beam size a request may ask for")
     workers: int = _knob(128, "gRPC handler threads: the most requests in flight at once")
@@ -60,7 +62,8 @@ class ServerConfig:
     def validate(self) -> None:
         problems = []
         for name in ("max_batch_tokens", "max_batch_sentences", "max_queue", "max_sentences_per_request",
-                     "max_tokens_per_sentence", "max_message_bytes", "default_beam_size", "max_beam_size", "workers"):
+                     "max_tokens_per_sentence", "max_message_bytes", "default_beam_size", "max_beam_size", "workers",
+                     "stream_window"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1")
         for name in ("port", "metrics_port"):

@@ -19,7 +19,7 @@ import queue
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 
 import grpc
@@ -97,23 +97,37 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
 
     def TranslateStream(self, request_iterator: Iterator[pb.TranslateStreamRequest],
                         context: grpc.ServicerContext) -> Iterator[pb.TranslateStreamResponse]:
-        """A reader thread takes requests as they come and queues their jobs; this generator
-        sends each result the moment the scheduler delivers it. Every item gets exactly one
-        response: its translation or its own error."""
+        """A reader thread takes items as they come and queues their jobs; this generator sends
+        each result the moment the scheduler delivers it. Every item gets exactly one response:
+        its translation or its own error. At most `stream_window` items are in flight: beyond
+        that the reader stops reading, and HTTP/2 flow control holds the client back, so a
+        stream of any length neither fills the server's queue nor its memory."""
         with self._rpc("TranslateStream", context) as call:
-            responses: queue.Queue[pb.TranslateStreamResponse | None] = queue.Queue()
-            jobs: list[tuple[ModelVersion, Job]] = []
+            # Responses are built here, in the handler thread, not in the scheduler's.
+            answers: queue.Queue[Callable[[], pb.TranslateStreamResponse] | None] = queue.Queue()
+            window = threading.Semaphore(self.config.stream_window)
+            in_flight: dict[Job, ModelVersion] = {}
             counts = {"items": 0, "answered": 0}
             reader_done = threading.Event()
             deadline = self._deadline(context)
 
-            def error(item_id: str, code: grpc.StatusCode, message: str, model: str = "", version: str = "") -> None:
-                responses.put(pb.TranslateStreamResponse(id=item_id, error=pb.Status(code=code.value[0], message=message),
-                                                         model=model, version=version))
+            def answer(make: Callable[[], pb.TranslateStreamResponse], job: Job | None = None) -> None:
+                if job is not None:
+                    in_flight.pop(job, None)
+                answers.put(make)
+                window.release()
+
+            def error(item_id: str, code: grpc.StatusCode, message: str, model: str = "", version: str = "",
+                      job: Job | None = None) -> None:
+                answer(lambda: pb.TranslateStreamResponse(id=item_id, error=pb.Status(code=code.value[0], message=message),
+                                                          model=model, version=version), job)
 
             def read() -> None:
                 try:
                     for item in request_iterator:
+                        while not window.acquire(timeout=0.1):
+                            if not context.is_active():
+                                return
                         counts["items"] += 1
                         try:
                             model = self._model(item.model, item.version)
@@ -124,33 +138,35 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
                             error(item.id, exc.code, str(exc))
                             continue
 
-                        def on_result(_index: int, hypotheses: list[Hypothesis], item=item, model=model,
-                                      source=source, opts=opts) -> None:
-                            responses.put(pb.TranslateStreamResponse(
+                        job = Job([source], opts, deadline)
+
+                        def on_result(_index: int, hypotheses: list[Hypothesis], item=item, model=model, source=source,
+                                      opts=opts, job=job) -> None:
+                            answer(lambda: pb.TranslateStreamResponse(
                                 id=item.id, translation=self._translation(model, source, hypotheses, opts),
-                                model=model.name, version=model.version))
+                                model=model.name, version=model.version), job)
 
-                        def on_error(exc: SchedulerError, item=item, model=model) -> None:
-                            error(item.id, SCHEDULER_CODES[exc.reason], str(exc), model.name, model.version)
+                        def on_error(exc: SchedulerError, item=item, model=model, job=job) -> None:
+                            error(item.id, SCHEDULER_CODES[exc.reason], str(exc), model.name, model.version, job)
 
-                        job = Job([source], opts, deadline, on_result=on_result, on_error=on_error)
+                        job.on_result, job.on_error = on_result, on_error
+                        in_flight[job] = model
                         try:
                             self._submit(model, job, context, stream=True)
                         except RequestError as exc:
-                            error(item.id, exc.code, str(exc), model.name, model.version)
-                            continue
-                        jobs.append((model, job))
+                            error(item.id, exc.code, str(exc), model.name, model.version, job)
                 except grpc.RpcError:
                     pass  # the client went away: the callback below cancels what is left
                 except Exception:
                     log.exception("TranslateStream reader failed")
                 finally:
                     reader_done.set()
-                    responses.put(None)  # wake the writer
+                    answers.put(None)  # wake the writer
 
             def cancel_all() -> None:
-                for model, job in jobs:
-                    model.scheduler.cancel(job)
+                for job, model in list(in_flight.items()):
+                    if model.scheduler is not None:
+                        model.scheduler.cancel(job)
 
             context.add_callback(cancel_all)
             threading.Thread(target=read, name="stream-reader", daemon=True).start()
@@ -158,15 +174,15 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
                 if reader_done.is_set() and counts["answered"] == counts["items"]:
                     return
                 try:
-                    response = responses.get(timeout=0.1)
+                    make = answers.get(timeout=0.1)
                 except queue.Empty:
                     if deadline is not None and time.monotonic() > deadline:
                         cancel_all()
                     continue
-                if response is None:
+                if make is None:
                     continue
                 counts["answered"] += 1
-                yield response
+                yield make()
             cancel_all()
 
     def ListModels(self, request: pb.ListModelsRequest, context: grpc.ServicerContext) -> pb.ListModelsResponse:

@@ -420,3 +420,18 @@ def test_client_retries_unavailable_and_nothing_else() -> None:
             assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and servicer.calls == 11
     finally:
         server.stop(0)
+
+
+def test_a_long_stream_is_flow_controlled_not_refused(repository) -> None:
+    """A stream far longer than the queue: the server reads it only as fast as it translates
+    (stream_window), so every item is translated, none gets RESOURCE_EXHAUSTED."""
+    server, port = start(repository, max_queue=8, stream_window=4)
+    try:
+        with TranslatorClient(f"127.0.0.1:{port}", timeout=120) as client:
+            items = [(str(i), SENTENCES[i % len(SENTENCES)]) for i in range(120)]
+            results = {r.id: r for r in client.translate_stream(iter(items), beam_size=1)}
+            assert len(results) == 120
+            assert all(r.WhichOneof("result") == "translation" for r in results.values()), \
+                {r.error.message for r in results.values() if r.WhichOneof("result") == "error"}
+    finally:
+        server.stop(1)
