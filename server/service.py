@@ -330,16 +330,16 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
         given = metadata.get("authorization", "")
         if hmac.compare_digest(given.encode() if isinstance(given, str) else given, self.expected):
             return continuation(handler_call_details)
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None  # no such method: UNIMPLEMENTED (and no metric label from a client's string)
         rpc = handler_call_details.method.rsplit("/", 1)[-1]
         self.metrics.requests.labels(rpc, "", grpc.StatusCode.UNAUTHENTICATED.name).inc()
-        handler = continuation(handler_call_details)
         message = "missing or wrong bearer token (metadata 'authorization: Bearer <token>')"
 
         def deny(request, context):
             context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-        if handler is None:
-            return None
         if handler.request_streaming and handler.response_streaming:
             return grpc.stream_stream_rpc_method_handler(deny)
         if handler.request_streaming:
