@@ -372,6 +372,13 @@ class TranslationServer:
             ("grpc.max_connection_age_ms", int(config.max_connection_age * 1000)),
             ("grpc.max_connection_age_grace_ms", int(config.grace_period * 1000)),
             ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
+            # Ping idle connections to find dead peers (a client gone behind a NAT or a load
+            # balancer), and accept clients' keepalive pings down to every 10 s: gRPC's default
+            # answers more frequent pings with GOAWAY "too_many_pings".
+            ("grpc.keepalive_time_ms", 60_000),
+            ("grpc.keepalive_timeout_ms", 20_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
         ]
         self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rpc"),
                                 interceptors=interceptors, options=options, maximum_concurrent_rpcs=config.workers)
