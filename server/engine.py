@@ -340,7 +340,7 @@ class BeamBatch:
         self.prev = np.concatenate([self.prev, np.full(m * K, engine.bos, dtype=np.int64)])
         self.history = np.concatenate([self.history, np.full((m * K, self.history.shape[1]), engine.pad, dtype=np.int64)])
         if self.alignment:
-            old = _fit_width(self.attention, self.state.source_width)
+            old = _fit(self.attention, 2, self.state.source_width)
             self.attention = np.concatenate([old, np.zeros((m * K,) + old.shape[1:], dtype=np.float32)])
 
     def cancel(self, tags: set) -> int:
@@ -360,7 +360,7 @@ class BeamBatch:
         no_eos = np.repeat(self.steps < self.min_lengths, K)
         top_log_probs, top_ids, alignment = engine._step(self.state, self.prev, 2 * K, no_eos, self.alignment, self._forced())
         if self.alignment:  # the source width may have changed since the last step (joins, narrowing)
-            self.attention = np.concatenate([_fit_width(self.attention, alignment.shape[1]), alignment[:, None, :]], axis=1)
+            self.attention = np.concatenate([_fit(self.attention, 2, alignment.shape[1]), alignment[:, None, :]], axis=1)
         candidates = (self.scores.reshape(n * K, 1) + top_log_probs).reshape(n, 2 * K * K)
         tokens = top_ids.reshape(n, 2 * K * K)
         # Best first; ties go to the lower (beam, token) index, as torch.topk over (K * V).
@@ -444,11 +444,20 @@ class BeamBatch:
             self.state.move(rows, max(len(item.src) for item in self.items))
 
 
-def _fit_width(attention: np.ndarray, width: int) -> np.ndarray:
-    """Attention history (rows, steps, S) cut or zero-padded to S = width source positions (no
-    remaining sentence is longer than the batch's source width)."""
-    S = attention.shape[2]
-    return attention[:, :, :width] if S >= width else np.pad(attention, ((0, 0), (0, 0), (0, width - S)))
+def _fit(array: np.ndarray, axis: int | None, width: int, left: bool = False) -> np.ndarray:
+    """`array` with `axis` cut or zero-padded (False for masks) to `width`: keeping the first
+    entries and padding after them, or with `left` the last ones and padding before them.
+    Source axes are padded on the right (the source mask covers it), cached-step axes on the
+    left (the cache mask covers it). axis None: the array as it is."""
+    if axis is None or array.shape[axis] == width:
+        return array
+    size = array.shape[axis]
+    if size > width:
+        cut = slice(size - width, None) if left else slice(0, width)
+        return array[(slice(None),) * axis + (cut,)]
+    pad = [(0, 0)] * array.ndim
+    pad[axis] = (width - size, 0) if left else (0, width - size)
+    return np.pad(array, pad)
 
 
 class _DecoderState:
@@ -503,12 +512,9 @@ class _DecoderState:
         for buffer in self.buffers.values():
             buffer[moved] = buffer[rows[moved]]  # the right side is read (copied) first
         self.rows = len(rows)
-        if self.engine.source_axis and 2 * source_width < self.source_width:
-            for name, buffer in self.buffers.items():
-                axis = self.engine.source_axis.get(name)
-                if axis is not None:
-                    cut = (slice(None),) * axis + (slice(0, source_width),)
-                    self.buffers[name] = np.ascontiguousarray(buffer[cut])
+        if 2 * source_width < self.source_width:
+            self.buffers = {name: np.ascontiguousarray(_fit(buffer, self.engine.source_axis.get(name), source_width))
+                            for name, buffer in self.buffers.items()}
         self._wrap_static()
 
     def join(self, new: dict[str, np.ndarray]) -> None:
@@ -523,11 +529,7 @@ class _DecoderState:
             for name, buffer in self.buffers.items():
                 self.buffers[name] = _resized(buffer[: self.rows], capacity, engine.source_axis.get(name), width)
         for name, buffer in self.buffers.items():
-            block = buffer[self.rows : self.rows + added]
-            block[...] = 0  # padding: zero keys, False mask
-            axis = engine.source_axis.get(name)
-            region = (slice(None),) * axis + (slice(0, new[name].shape[axis]),) if axis is not None else (slice(None),)
-            block[region] = new[name]
+            buffer[self.rows : self.rows + added] = _fit(new[name], engine.source_axis.get(name), width)
         self.rows += added
         self._wrap_static()
         if engine.dynamic_from_encoder:
@@ -552,23 +554,14 @@ class _DecoderState:
             if self.fresh:
                 host = np.concatenate([host, np.zeros((self.fresh,) + host.shape[1:], dtype=host.dtype)])
             host = host[self.origin]
-            axis = self.engine.past_axis.get(name)
-            if axis is not None:
-                host = np.ascontiguousarray(host[(slice(None),) * axis + (slice(host.shape[axis] - keep, None),)])
-            dynamic[name] = self.engine._ort_value(host)
+            dynamic[name] = self.engine._ort_value(_fit(host, self.engine.past_axis.get(name), keep, left=True))
         self.dynamic = dynamic
         self.previous_rows, self.origin, self.fresh = self.rows, np.arange(self.rows, dtype=np.int64), 0
 
 
 def _resized(array: np.ndarray, capacity: int, axis: int | None, width: int) -> np.ndarray:
     """A zeroed buffer of `capacity` rows (and `width` along the source axis) holding `array`."""
-    shape = list(array.shape)
-    shape[0] = capacity
-    if axis is not None:
-        shape[axis] = width
-    out = np.zeros(shape, dtype=array.dtype)
-    region = [slice(0, len(array))] + [slice(None)] * (array.ndim - 1)
-    if axis is not None:
-        region[axis] = slice(0, array.shape[axis])
-    out[tuple(region)] = array
+    fitted = _fit(array, axis, width)
+    out = np.zeros((capacity,) + fitted.shape[1:], dtype=array.dtype)
+    out[: len(array)] = fitted
     return out
