@@ -33,8 +33,8 @@ from server.metrics import Metrics
 log = logging.getLogger(__name__)
 
 # Newcomers join a running batch once they are this fraction of it (or the oldest has waited
-# max_wait_ms, or they fill it): each join costs about one decoder step (the batch's state is
-# copied), so joining a sentence or two at every step would halve the throughput.
+# max_wait_ms, or they fill it): each join runs the encoder, whose cost is mostly per call, so
+# newcomers are encoded a few at a time rather than one at every step.
 JOIN_FRACTION = 0.25
 SWEEP_SECONDS = 0.01  # how often waiting sentences are checked for expired or cancelled requests
 
@@ -224,7 +224,7 @@ class Scheduler:
         waited = time.monotonic() - queue[0][0].enqueued
         if (sentences and len(queue) < min(room, sentences * JOIN_FRACTION)
                 and waited < self.config.max_wait_ms / 1000):
-            return []  # a join copies the running batch's state: wait (bounded) for a few more
+            return []  # wait (bounded by max_wait_ms) for a few more to encode together
         longest = max((len(item.src) for item, closed in zip(batch.items, batch.closed) if not closed), default=0) if batch else 0
         reference = longest or len(queue[0][0].sources[queue[0][1]])
         window = list(queue)[: 4 * self.config.max_batch_sentences]
@@ -349,10 +349,9 @@ class SchedulerGroup:
         min(self.schedulers, key=lambda s: s.load).submit(job)
 
     def cancel(self, job: Job, reason: str = SchedulerError.CANCELLED) -> None:
-        scheduler = getattr(job, "scheduler", None)
-        if scheduler is not None:
-            scheduler.cancel(job, reason)
-        else:
+        if job.scheduler is not None:
+            job.scheduler.cancel(job, reason)
+        else:  # never queued (refused)
             job._fail(SchedulerError(reason, f"request {reason}"))
 
     @property
