@@ -86,9 +86,10 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
             if not sources:
                 return response
             job = Job(sources, opts, self._deadline(context))
-            self._submit(model, job, context)
+            self._submit(model, job)
+            context.add_callback(lambda: job.scheduler.cancel(job))  # client gone: stop its work
             if not job.wait(context.time_remaining()):
-                model.scheduler.cancel(job, SchedulerError.EXPIRED)
+                job.scheduler.cancel(job, SchedulerError.EXPIRED)
             if job.error is not None:
                 raise RequestError(SCHEDULER_CODES[job.error.reason], str(job.error))
             for source, hypotheses in zip(sources, job.results):
@@ -106,14 +107,14 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
             # Responses are built here, in the handler thread, not in the scheduler's.
             answers: queue.Queue[Callable[[], pb.TranslateStreamResponse] | None] = queue.Queue()
             window = threading.Semaphore(self.config.stream_window)
-            in_flight: dict[Job, ModelVersion] = {}
+            in_flight: set[Job] = set()
             counts = {"items": 0, "answered": 0}
             reader_done = threading.Event()
             deadline = self._deadline(context)
 
             def answer(make: Callable[[], pb.TranslateStreamResponse], job: Job | None = None) -> None:
                 if job is not None:
-                    in_flight.pop(job, None)
+                    in_flight.discard(job)
                 answers.put(make)
                 window.release()
 
@@ -150,9 +151,9 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
                             error(item.id, SCHEDULER_CODES[exc.reason], str(exc), model.name, model.version, job)
 
                         job.on_result, job.on_error = on_result, on_error
-                        in_flight[job] = model
+                        in_flight.add(job)
                         try:
-                            self._submit(model, job, context, stream=True)
+                            self._submit(model, job)
                         except RequestError as exc:
                             error(item.id, exc.code, str(exc), model.name, model.version, job)
                 except grpc.RpcError:
@@ -164,9 +165,9 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
                     answers.put(None)  # wake the writer
 
             def cancel_all() -> None:
-                for job, model in list(in_flight.items()):
-                    if model.scheduler is not None:
-                        model.scheduler.cancel(job)
+                for job in list(in_flight):
+                    if job.scheduler is not None:  # queued: cancel it where it is, even on a retiring version
+                        job.scheduler.cancel(job)
 
             context.add_callback(cancel_all)
             threading.Thread(target=read, name="stream-reader", daemon=True).start()
@@ -269,18 +270,16 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
         remaining = context.time_remaining()
         return None if remaining is None else time.monotonic() + remaining
 
-    def _submit(self, model: ModelVersion, job: Job, context: grpc.ServicerContext, stream: bool = False) -> None:
+    def _submit(self, model: ModelVersion, job: Job) -> None:
         if job.deadline is not None and time.monotonic() >= job.deadline:
             raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the request was queued")
         scheduler = model.scheduler
         if scheduler is None:  # unloaded between the lookup and now
             raise RequestError(grpc.StatusCode.UNAVAILABLE, f"model {model.name} version {model.version} was unloaded; retry")
         try:
-            scheduler.submit(job)
+            scheduler.submit(job)  # sets job.scheduler: the instance that has it, to cancel it there
         except SchedulerError as exc:
             raise RequestError(SCHEDULER_CODES[exc.reason], str(exc)) from None
-        if not stream:
-            context.add_callback(lambda: scheduler.cancel(job))  # client gone: stop its work
 
     def _translation(self, model: ModelVersion, source: list[int], hypotheses: list[Hypothesis],
                      opts: TranslationOptions) -> pb.Translation:
