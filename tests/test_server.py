@@ -32,6 +32,12 @@ SENTENCES = ["Open the file.", "The printer is out of paper.", "Could not connec
              "Delete the selected items?", "Save changes to the document before closing?", "Settings"]
 
 
+def attnserve_command() -> str:
+    """The project's venv command (as CI installs it), else the one on PATH."""
+    venv = ROOT / ".venv" / "bin" / "attnserve"
+    return str(venv) if venv.exists() else "attnserve"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -314,8 +320,7 @@ def test_tls(repository, tmp_path) -> None:
 
 def test_sigterm_during_load_loses_no_accepted_request(tmp_path) -> None:
     port, metrics_port = free_port(), free_port()
-    process = subprocess.Popen([str(ROOT / ".venv" / "bin" / "attnserve") if (ROOT / ".venv" / "bin" / "attnserve").exists()
-                                else "attnserve", "serve", "--host", "127.0.0.1", "--port", str(port),
+    process = subprocess.Popen([attnserve_command(), "serve", "--host", "127.0.0.1", "--port", str(port),
                                 "--metrics-port", str(metrics_port), "--grace-period", "30", "--threads", "2"],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -367,8 +372,7 @@ def test_sighup_loads_a_new_version(bundles, tmp_path) -> None:
     repo = tmp_path / "repo"
     shutil.copytree(bundles["transformer"], repo / "toy" / "1")
     port = free_port()
-    attnserve = ROOT / ".venv" / "bin" / "attnserve"
-    process = subprocess.Popen([str(attnserve) if attnserve.exists() else "attnserve", "serve", "--host", "127.0.0.1",
+    process = subprocess.Popen([attnserve_command(), "serve", "--host", "127.0.0.1",
                                 "--port", str(port), "--metrics-port", "0", "--model-repository", str(repo),
                                 "--default-model", "toy", "--poll-seconds", "0", "--threads", "1"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
