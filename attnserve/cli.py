@@ -14,7 +14,7 @@ log = logging.getLogger("attnserve")
 
 
 def _data_build(args: argparse.Namespace) -> int:
-    from model.corpus import CleanConfig, CorpusError, build_corpus
+    from attnserve.model.corpus import CleanConfig, CorpusError, build_corpus
 
     cfg = CleanConfig(max_chars=args.max_chars, max_words=args.max_words, max_ratio=args.max_ratio,
                       dev_fraction=args.dev_fraction, test_fraction=args.test_fraction)
@@ -30,8 +30,8 @@ def _data_build(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from model.config import Config
-    from model.train import run_training
+    from attnserve.model.config import Config
+    from attnserve.model.train import run_training
 
     config = Config.load(args.config)
     if args.time_limit is not None:
@@ -49,9 +49,9 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from model.checkpoint import CheckpointError, read_config
-    from model.decode import DecodeOptions
-    from model.evaluate import default_device, evaluate_run, plot_buckets
+    from attnserve.model.checkpoint import CheckpointError, read_config
+    from attnserve.model.decode import DecodeOptions
+    from attnserve.model.evaluate import default_device, evaluate_run, plot_buckets
 
     opts = DecodeOptions(beam_size=args.beam, length_penalty=args.length_penalty)
     device = args.device or default_device()
@@ -70,9 +70,9 @@ def _eval(args: argparse.Namespace) -> int:
     plot_buckets(results, plot)
     print(f"plot: {plot}")
     if args.show:
-        from model.checkpoint import load_model
-        from model.corpus import load_tsv
-        from model.evaluate import translate_best
+        from attnserve.model.checkpoint import load_model
+        from attnserve.model.corpus import load_tsv
+        from attnserve.model.evaluate import translate_best
 
         model, tokenizer, config = load_model(Path(args.runs[0]), args.checkpoint, device)
         rows = load_tsv(Path(config.train.data_dir) / "test.tsv")[: args.show]
@@ -82,10 +82,10 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from server.bundle import BundleError, load_bundle
+    from attnserve.server.bundle import BundleError, load_bundle
 
     if args.summary_only:
-        from export.exporter import summary
+        from attnserve.export.exporter import summary
 
         try:
             print(summary(load_bundle(args.source).manifest))
@@ -96,10 +96,10 @@ def _export(args: argparse.Namespace) -> int:
     if not args.out:
         log.error("--out REPO/NAME/VERSION is required to export")
         return 2
-    from export.exporter import export_bundle, summary
-    from export.specs import UnsupportedArchitecture
-    from export.validate import ExportValidationError
-    from model.checkpoint import CheckpointError
+    from attnserve.export.exporter import export_bundle, summary
+    from attnserve.export.specs import UnsupportedArchitecture
+    from attnserve.export.validate import ExportValidationError
+    from attnserve.model.checkpoint import CheckpointError
 
     try:
         manifest = export_bundle(Path(args.source), Path(args.out), tuple(args.precision), args.checkpoint,
@@ -118,9 +118,9 @@ def _translate(args: argparse.Namespace) -> int:
         log.error("offline translation takes one INPUT file, -o OUTPUT and --model BUNDLE (or use --server HOST:PORT)")
         return 2
     args.input = args.input[0]
-    from server.batch import BatchError, BatchTranslator, parse_shard
-    from server.bundle import BundleError, load_bundle
-    from server.engine import Engine, TranslationOptions
+    from attnserve.server.batch import BatchError, BatchTranslator, parse_shard
+    from attnserve.server.bundle import BundleError, load_bundle
+    from attnserve.server.engine import Engine, TranslationOptions
 
     try:
         shard = parse_shard(args.shard)
@@ -163,8 +163,8 @@ def _translate_remote(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from server.config import load_config
-    from server.service import serve
+    from attnserve.server.config import load_config
+    from attnserve.server.service import serve
 
     try:
         config = load_config(args)
@@ -256,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
     tr.set_defaults(func=_translate)
 
-    from server.config import add_arguments  # no torch, no onnxruntime: argparse only
+    from attnserve.server.config import add_arguments  # no torch, no onnxruntime: argparse only
 
     sv = sub.add_parser("serve", help="serve the model repository over gRPC (with no arguments: the shipped en-fr model)",
                         description="Every setting can come from a flag, an environment variable or a TOML "
@@ -274,11 +274,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:  # the benchmark has its own parser (it re-invokes itself per run)
-        from bench.benchmark import main as bench_main
+        from attnserve.bench.benchmark import main as bench_main
 
         return bench_main(argv[1:])
     if argv[:1] == ["bench-load"]:
-        from bench.load import main as load_main
+        from attnserve.bench.load import main as load_main
 
         return load_main(argv[1:])
     args = build_parser().parse_args(argv)

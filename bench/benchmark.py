@@ -39,25 +39,25 @@ def make_decoder(engine: str, run_dir: Path, bundle_dir: Path, workdir: Path, th
     if engine == "torch":
         import torch
 
-        from model.batching import pad
-        from model.checkpoint import load_model
-        from model.decode import DecodeOptions, decode
+        from attnserve.model.batching import pad
+        from attnserve.model.checkpoint import load_model
+        from attnserve.model.decode import DecodeOptions, decode
 
         torch.set_num_threads(threads)
         model, _, _ = load_model(run_dir)
         opts = DecodeOptions(beam_size=beam)
         return lambda batch: [h[0].tokens for h in decode(model, pad(batch), opts)]
     if engine.startswith("onnx-"):
-        from server.bundle import load_bundle
-        from server.engine import Engine, TranslationOptions
+        from attnserve.server.bundle import load_bundle
+        from attnserve.server.engine import Engine, TranslationOptions
 
         onnx_engine = Engine(load_bundle(bundle_dir), engine.split("-")[1], device="cpu", threads=threads)
         opts = TranslationOptions(beam_size=beam)
         return lambda batch: [h[0].tokens for h in onnx_engine.translate_ids(
             batch, opts, max_batch_tokens=1 << 30, max_batch_sentences=len(batch))]
     if engine.startswith("ct2-"):
-        from bench import ct2
-        from model.checkpoint import read_config
+        from attnserve.bench import ct2
+        from attnserve.model.checkpoint import read_config
 
         compute_type = engine.split("-")[1]
         model_dir = workdir / "ct2-model"
@@ -84,7 +84,7 @@ def measure(engine: str, run_dir: Path, bundle_dir: Path, split: Path, sentences
     import sacrebleu
     import sentencepiece as spm
 
-    from model.corpus import load_tsv
+    from attnserve.model.corpus import load_tsv
 
     rows = load_tsv(split)[:sentences]
     sp = spm.SentencePieceProcessor(model_file=str(run_dir / "spm.model"))
@@ -113,7 +113,7 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
     for beam in args.beams:
         for batch in args.batches:
             for engine in args.engines:
-                command = [sys.executable, "-m", "bench.benchmark", "--one", engine, "--run", str(args.run),
+                command = [sys.executable, "-m", "attnserve.bench.benchmark", "--one", engine, "--run", str(args.run),
                            "--bundle", str(args.bundle), "--split", str(args.split), "--sentences", str(args.sentences),
                            "--beams", str(beam), "--batches", str(batch), "--threads", str(args.threads),
                            "--workdir", str(args.workdir)]

@@ -48,12 +48,12 @@ import numpy as np
 import torch
 from ctranslate2.specs import attention_spec, common_spec, transformer_spec
 
-from model.checkpoint import load_model
-from model.corpus import load_tsv
-from model.decode import DecodeOptions, Hypothesis
-from model.evaluate import translate_texts
-from model.tokenizer import BOS_ID, EOS_ID, UNK_ID, Tokenizer
-from model.transformer import Transformer
+from attnserve.model.checkpoint import load_model
+from attnserve.model.corpus import load_tsv
+from attnserve.model.decode import DecodeOptions, Hypothesis
+from attnserve.model.evaluate import translate_texts
+from attnserve.model.tokenizer import BOS_ID, EOS_ID, UNK_ID, Tokenizer
+from attnserve.model.transformer import Transformer
 
 log = logging.getLogger(__name__)
 

@@ -34,9 +34,9 @@ import grpc
 from attnserve.client import TranslatorClient
 from attnserve.v1 import translator_pb2 as pb
 from attnserve.v1 import translator_pb2_grpc as pb_grpc
-from server.bundle import load_bundle
-from server.config import SHIPPED_REPOSITORY
-from server.engine import Engine, TranslationOptions
+from attnserve.server.bundle import load_bundle
+from attnserve.server.config import SHIPPED_REPOSITORY
+from attnserve.server.engine import Engine, TranslationOptions
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +110,8 @@ def run_scheduler(repository: Path, model: str, threads: int, sentences: list[st
     itself achieves, and so what the RPC layer costs."""
     import threading
 
-    from server.repository import EngineConfig
-    from server.scheduler import BatchingConfig, Job, SchedulerGroup
+    from attnserve.server.repository import EngineConfig
+    from attnserve.server.scheduler import BatchingConfig, Job, SchedulerGroup
 
     instances, per_instance = EngineConfig(threads=threads).layout(on_cuda=False)  # as the server does
     engines = [_engine(repository, model, per_instance) for _ in range(instances)]

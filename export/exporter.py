@@ -24,13 +24,13 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from export.graphs import example_inputs, export_graph, node_types
-from export.specs import IR_VERSION, OPSET, ArchitectureSpec, architecture_spec
-from export.validate import ExportValidationError, TorchReference, validate_precision
-from model.checkpoint import FORMAT_VERSION, load_model, read_config
-from model.decode import DecodeOptions
-from model.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
-from server.bundle import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, MANIFEST, sha256_file
+from attnserve.export.graphs import example_inputs, export_graph, node_types
+from attnserve.export.specs import IR_VERSION, OPSET, ArchitectureSpec, architecture_spec
+from attnserve.export.validate import ExportValidationError, TorchReference, validate_precision
+from attnserve.model.checkpoint import FORMAT_VERSION, load_model, read_config
+from attnserve.model.decode import DecodeOptions
+from attnserve.model.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+from attnserve.server.bundle import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, MANIFEST, sha256_file
 
 log = logging.getLogger(__name__)
 

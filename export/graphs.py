@@ -16,9 +16,9 @@ from onnxscript import opset18 as op18
 from onnxscript import opset23 as op23
 from torch.export import Dim
 
-from export.specs import IR_VERSION, ArchitectureSpec, GraphSpec
-from model.attention import attention_with_weights
-from model.base import EncoderDecoder
+from attnserve.export.specs import IR_VERSION, ArchitectureSpec, GraphSpec
+from attnserve.model.attention import attention_with_weights
+from attnserve.model.base import EncoderDecoder
 
 log = logging.getLogger(__name__)
 

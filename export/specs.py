@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from model.base import EncoderDecoder
-from model.config import ModelConfig
+from attnserve.model.base import EncoderDecoder
+from attnserve.model.config import ModelConfig
 
 OPSET = 23
 # onnxruntime 1.31 reads IR versions up to 13 while onnx 1.23 writes 14; IR 10 is what opset 23

@@ -20,13 +20,13 @@ import numpy as np
 import sacrebleu
 import torch
 
-from export.specs import ArchitectureSpec
-from model.batching import pad
-from model.corpus import load_tsv
-from model.decode import DecodeOptions
-from model.evaluate import translate_texts
-from server.bundle import Bundle
-from server.engine import Engine, TranslationOptions
+from attnserve.export.specs import ArchitectureSpec
+from attnserve.model.batching import pad
+from attnserve.model.corpus import load_tsv
+from attnserve.model.decode import DecodeOptions
+from attnserve.model.evaluate import translate_texts
+from attnserve.server.bundle import Bundle
+from attnserve.server.engine import Engine, TranslationOptions
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from model.config import ModelConfig
-from model.tokenizer import PAD_ID
+from attnserve.model.config import ModelConfig
+from attnserve.model.tokenizer import PAD_ID
 
 State = dict[str, torch.Tensor]
 

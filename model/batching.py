@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from model.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+from attnserve.model.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 
 Example = tuple[list[int], list[int]]  # (source ids + EOS, target ids without BOS/EOS)
 

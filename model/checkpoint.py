@@ -19,10 +19,10 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from model.base import EncoderDecoder
-from model.config import Config
-from model.tokenizer import Tokenizer
-from model.zoo import build_model
+from attnserve.model.base import EncoderDecoder
+from attnserve.model.config import Config
+from attnserve.model.tokenizer import Tokenizer
+from attnserve.model.zoo import build_model
 
 FORMAT_VERSION = 1
 

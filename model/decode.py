@@ -11,8 +11,8 @@ import dataclasses
 
 import torch
 
-from model.base import EncoderDecoder
-from model.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from attnserve.model.base import EncoderDecoder
+from attnserve.model.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 
 @dataclasses.dataclass

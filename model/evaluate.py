@@ -15,12 +15,12 @@ from pathlib import Path
 import sacrebleu
 import torch
 
-from model.base import EncoderDecoder
-from model.batching import pad, token_batches
-from model.checkpoint import load_model
-from model.corpus import load_tsv
-from model.decode import DecodeOptions, Hypothesis, decode
-from model.tokenizer import EOS_ID, Tokenizer
+from attnserve.model.base import EncoderDecoder
+from attnserve.model.batching import pad, token_batches
+from attnserve.model.checkpoint import load_model
+from attnserve.model.corpus import load_tsv
+from attnserve.model.decode import DecodeOptions, Hypothesis, decode
+from attnserve.model.tokenizer import EOS_ID, Tokenizer
 
 log = logging.getLogger(__name__)
 

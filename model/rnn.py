@@ -15,9 +15,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.attention import build_rnn_attention
-from model.base import EncoderDecoder, State
-from model.config import ModelConfig
+from attnserve.model.attention import build_rnn_attention
+from attnserve.model.base import EncoderDecoder, State
+from attnserve.model.config import ModelConfig
 
 
 def reverse_padded(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

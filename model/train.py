@@ -21,14 +21,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model.batching import Example, collate, encode_pairs, token_batches
-from model.checkpoint import load_trainer_state, read_config, save_checkpoint, write_config
-from model.config import Config
-from model.corpus import load_tsv
-from model.decode import DecodeOptions
-from model.evaluate import translate_best
-from model.tokenizer import PAD_ID, Tokenizer, train_tokenizer
-from model.zoo import build_model
+from attnserve.model.batching import Example, collate, encode_pairs, token_batches
+from attnserve.model.checkpoint import load_trainer_state, read_config, save_checkpoint, write_config
+from attnserve.model.config import Config
+from attnserve.model.corpus import load_tsv
+from attnserve.model.decode import DecodeOptions
+from attnserve.model.evaluate import translate_best
+from attnserve.model.tokenizer import PAD_ID, Tokenizer, train_tokenizer
+from attnserve.model.zoo import build_model
 
 log = logging.getLogger(__name__)
 

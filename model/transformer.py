@@ -17,9 +17,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.attention import MultiHeadAttention
-from model.base import EncoderDecoder, State
-from model.config import ModelConfig
+from attnserve.model.attention import MultiHeadAttention
+from attnserve.model.base import EncoderDecoder, State
+from attnserve.model.config import ModelConfig
 
 
 class PositionalEncoding(nn.Module):

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from model.base import EncoderDecoder
-from model.config import ModelConfig
-from model.rnn import RNNSeq2Seq
-from model.transformer import Transformer
+from attnserve.model.base import EncoderDecoder
+from attnserve.model.config import ModelConfig
+from attnserve.model.rnn import RNNSeq2Seq
+from attnserve.model.transformer import Transformer
 
 
 def build_model(cfg: ModelConfig) -> EncoderDecoder:

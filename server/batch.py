@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from server.engine import Engine, TranslationOptions
+from attnserve.server.engine import Engine, TranslationOptions
 
 log = logging.getLogger(__name__)
 

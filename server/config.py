@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -23,6 +24,15 @@ SHIPPED_REPOSITORY = Path(__file__).resolve().parent.parent / "models" / "reposi
 
 def _knob(default: Any, help: str, choices: Sequence[str] | None = None) -> Any:
     return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+
+
+# (setting, lowest, highest, unit): gRPC takes durations as int32 milliseconds (at most ~24.8 days).
+DURATION_BOUNDS = (
+    ("max_wait_ms", 0.0, 60_000.0, "ms"),
+    ("poll_seconds", 0.0, 7 * 24 * 3600.0, "s"),
+    ("grace_period", 0.0, 3600.0, "s"),
+    ("max_connection_age", 1.0, 24 * 24 * 3600.0, "s"),
+)
 
 
 @dataclasses.dataclass
@@ -69,6 +79,13 @@ class ServerConfig:
         for name in ("port", "metrics_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 problems.append(f"{name} must be a port number")
+        # Durations end up in Event.wait, in monotonic-clock sums and in gRPC's int32 millisecond
+        # channel arguments: NaN, infinity, negative or absurdly large values are refused here
+        # rather than overflowing there.
+        for name, low, high, unit in DURATION_BOUNDS:
+            value = getattr(self, name)
+            if not (math.isfinite(value) and low <= value <= high):
+                problems.append(f"{name} must be in [{low:g}, {high:g}] {unit}, got {value!r}")
         if self.instances < 0 or self.threads < 0:
             problems.append("instances and threads must be >= 0")
         if bool(self.tls_cert) != bool(self.tls_key):

@@ -24,7 +24,7 @@ import numpy as np
 import onnxruntime as ort
 import sentencepiece as spm
 
-from server.bundle import Bundle, BundleError
+from attnserve.server.bundle import Bundle, BundleError
 
 log = logging.getLogger(__name__)
 

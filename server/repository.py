@@ -21,10 +21,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from server.bundle import Bundle, BundleError, load_bundle
-from server.engine import Engine, TranslationOptions, choose_providers
-from server.metrics import Metrics
-from server.scheduler import BatchingConfig, SchedulerGroup
+from attnserve.server.bundle import Bundle, BundleError, load_bundle
+from attnserve.server.engine import Engine, TranslationOptions, choose_providers
+from attnserve.server.metrics import Metrics
+from attnserve.server.scheduler import BatchingConfig, SchedulerGroup
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,8 @@ import threading
 import time
 from collections.abc import Callable
 
-from server.engine import BeamBatch, Engine, Hypothesis, SearchItem, TranslationOptions
-from server.metrics import Metrics
+from attnserve.server.engine import BeamBatch, Engine, Hypothesis, SearchItem, TranslationOptions
+from attnserve.server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

@@ -28,11 +28,12 @@ from grpc_reflection.v1alpha import reflection
 
 from attnserve.v1 import translator_pb2 as pb
 from attnserve.v1 import translator_pb2_grpc as pb_grpc
-from server.config import ServerConfig
-from server.engine import Hypothesis, TranslationOptions
-from server.metrics import Metrics
-from server.repository import EngineConfig, ModelNotFound, ModelRepository, ModelVersion
-from server.scheduler import BatchingConfig, Job, SchedulerError
+from attnserve.server.config import ServerConfig
+from attnserve.server.deadlines import deadline_in, timeout_until
+from attnserve.server.engine import Hypothesis, TranslationOptions
+from attnserve.server.metrics import Metrics
+from attnserve.server.repository import EngineConfig, ModelNotFound, ModelRepository, ModelVersion
+from attnserve.server.scheduler import BatchingConfig, Job, SchedulerError
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
             job = Job(sources, opts, self._deadline(context))
             self._submit(model, job)
             context.add_callback(lambda: job.scheduler.cancel(job))  # client gone: stop its work
-            if not job.wait(context.time_remaining()):
+            if not job.wait(timeout_until(job.deadline)):
                 job.scheduler.cancel(job, SchedulerError.EXPIRED)
             if job.error is not None:
                 raise RequestError(SCHEDULER_CODES[job.error.reason], str(job.error))
@@ -267,8 +268,8 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
         return ids + [engine.eos]
 
     def _deadline(self, context: grpc.ServicerContext) -> float | None:
-        remaining = context.time_remaining()
-        return None if remaining is None else time.monotonic() + remaining
+        # No deadline is a huge time_remaining(), not None: deadline_in makes it None.
+        return deadline_in(context.time_remaining())
 
     def _submit(self, model: ModelVersion, job: Job) -> None:
         if job.deadline is not None and time.monotonic() >= job.deadline:

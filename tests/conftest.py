@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from model.corpus import write_tsv
-from model.train import run_training
+from attnserve.model.corpus import write_tsv
+from attnserve.model.train import run_training
 from tests.test_training import toy_config, toy_pair
 
 ARCHITECTURES = {
@@ -41,7 +41,7 @@ def trained(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def bundles(trained: dict[str, Path], tmp_path_factory) -> dict[str, Path]:
     """fp32 bundles of the trained toy models."""
-    from export.exporter import export_bundle
+    from attnserve.export.exporter import export_bundle
 
     repo = tmp_path_factory.mktemp("repo")
     out = {}

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from attnserve.cli import main
-from server.batch import BatchError, BatchTranslator, shard_range
-from server.bundle import load_bundle
-from server.engine import Engine, TranslationOptions
+from attnserve.server.batch import BatchError, BatchTranslator, shard_range
+from attnserve.server.bundle import load_bundle
+from attnserve.server.engine import Engine, TranslationOptions
 from tests.test_training import toy_pair
 
 

@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from server.config import ServerConfig, add_arguments, load_config
+from attnserve.server.config import ServerConfig, add_arguments, load_config
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

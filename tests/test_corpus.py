@@ -9,7 +9,7 @@ import polib
 import pytest
 
 from attnserve.cli import main
-from model.corpus import (
+from attnserve.model.corpus import (
     CleanConfig,
     CorpusError,
     build_corpus,

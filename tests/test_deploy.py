@@ -120,7 +120,7 @@ def server_fields() -> dict[str, Any]:
     """The server's settings and their defaults (server/config.py: flags, ATTNSERVE_* env)."""
     import dataclasses
 
-    from server.config import ServerConfig
+    from attnserve.server.config import ServerConfig
 
     return {f.name: f.default for f in dataclasses.fields(ServerConfig)}
 
@@ -774,7 +774,7 @@ def test_dockerfile_installs_only_the_serving_path(flavour: str) -> None:
     build = dockerfile.stage("build")
     copied = [c.split()[:-1] for k, c in build.instructions if k == "COPY"]
     sources = [s.rstrip("/") for group in copied for s in group]
-    assert set(sources) == {"pyproject.toml", "README.md", "attnserve", "server"}
+    assert set(sources) == {"pyproject.toml", "setup.py", "README.md", "attnserve", "server"}
     context = docker_context(DOCKERFILES[flavour].with_name(DOCKERFILES[flavour].name + ".dockerignore"))
     for source in sources:
         assert any(p == source or p.startswith(source + "/") for p in context), f"{source} missing from the build context"
@@ -814,13 +814,26 @@ def _image_files(tmp: Path) -> Path:
     dockerfile = DOCKERFILES["cpu"]
     context = docker_context(dockerfile.with_name(dockerfile.name + ".dockerignore"))
     build = parse_dockerfile(dockerfile).stage("build")
-    packages = [s.rstrip("/") for k, c in build.instructions if k == "COPY" for s in c.split()[:-1] if (ROOT / s).is_dir()]
+    folders = [s.rstrip("/") for k, c in build.instructions if k == "COPY" for s in c.split()[:-1] if (ROOT / s).is_dir()]
+    # setup.py's folder -> package mapping: server/ installs as attnserve/server/.
+    installed_as = {folder: package.replace(".", "/") for package, folder in setup_folders().items()}
     site = tmp / "site"
     for path in context:
-        if path.split("/")[0] in packages and path.endswith(".py"):
-            (site / path).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / path, site / path)
+        folder, _, rest = path.partition("/")
+        if folder in folders and path.endswith(".py"):
+            target = site / installed_as[folder] / rest
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / path, target)
     return site
+
+
+def setup_folders() -> dict[str, str]:
+    """setup.py's FOLDERS (package -> folder), read without running setup()."""
+    import ast
+
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    (value,) = [n.value for n in tree.body if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "FOLDERS"]
+    return ast.literal_eval(value)
 
 
 def test_server_starts_as_the_deployment_says_passes_its_probes_and_drains_on_sigterm(tmp_path: Path) -> None:

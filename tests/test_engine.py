@@ -7,17 +7,17 @@ from pathlib import Path
 
 import pytest
 
-from model.checkpoint import load_model
-from model.corpus import load_tsv
-from model.decode import DecodeOptions
-from model.evaluate import translate_texts
-from server.bundle import load_bundle
-from server.engine import Engine, TranslationOptions
+from attnserve.model.checkpoint import load_model
+from attnserve.model.corpus import load_tsv
+from attnserve.model.decode import DecodeOptions
+from attnserve.model.evaluate import translate_texts
+from attnserve.server.bundle import load_bundle
+from attnserve.server.engine import Engine, TranslationOptions
 from tests.conftest import ARCHITECTURES
 
 
 def dev_sources(run: Path) -> list[str]:
-    from model.checkpoint import read_config
+    from attnserve.model.checkpoint import read_config
 
     return [s for s, _ in load_tsv(Path(read_config(run).train.data_dir) / "dev.tsv")]
 
@@ -116,7 +116,7 @@ def test_sentences_joining_a_running_batch_decode_as_alone(trained, bundles, nam
     in a batch of their own."""
     import random
 
-    from server.engine import BeamBatch, SearchItem
+    from attnserve.server.engine import BeamBatch, SearchItem
 
     engine = Engine(load_bundle(bundles[name]), "fp32", device="cpu")
     ids = engine.encode_texts(dev_sources(trained[name])[:40])
@@ -140,7 +140,7 @@ def test_sentences_joining_a_running_batch_decode_as_alone(trained, bundles, nam
 
 
 def test_cancelled_sentences_leave_without_a_result(bundles) -> None:
-    from server.engine import BeamBatch, SearchItem
+    from attnserve.server.engine import BeamBatch, SearchItem
 
     engine = Engine(load_bundle(bundles["transformer"]), "fp32", device="cpu")
     ids = engine.encode_texts(["the red cat sees the dog", "the book likes the tree", "the old house"])
@@ -157,7 +157,7 @@ def test_cancelled_sentences_leave_without_a_result(bundles) -> None:
 def test_a_long_running_batch_keeps_its_buffers_bounded(bundles) -> None:
     """Sentences of alternating lengths joining and leaving for many steps: the static buffers
     grow only with the rows in use and the cache only with the steps the rows need."""
-    from server.engine import BeamBatch, SearchItem
+    from attnserve.server.engine import BeamBatch, SearchItem
 
     engine = Engine(load_bundle(bundles["transformer"]), "fp32", device="cpu")
     short, long = engine.encode_texts(["the cat", "the old house has the big green car and the red book"])
@@ -176,7 +176,7 @@ def test_a_long_running_batch_keeps_its_buffers_bounded(bundles) -> None:
 def test_alignments_survive_the_batch_narrowing(bundles) -> None:
     """A long sentence leaves first: the batch's source buffers narrow to the short ones, and
     the alignments of those that stay keep their shape and their sum."""
-    from server.engine import BeamBatch, SearchItem
+    from attnserve.server.engine import BeamBatch, SearchItem
 
     engine = Engine(load_bundle(bundles["transformer"]), "fp32", device="cpu")
     long, short = engine.encode_texts(["the old house has the big green car and the red book and the tree", "the cat"])

@@ -11,11 +11,11 @@ import onnx
 import pytest
 
 from attnserve.cli import main
-from export.exporter import export_bundle
-from model.checkpoint import load_model
-from model.evaluate import translate_best
-from server.bundle import BundleError, load_bundle
-from server.engine import Engine
+from attnserve.export.exporter import export_bundle
+from attnserve.model.checkpoint import load_model
+from attnserve.model.evaluate import translate_best
+from attnserve.server.bundle import BundleError, load_bundle
+from attnserve.server.engine import Engine
 from tests.conftest import ARCHITECTURES
 
 
@@ -90,7 +90,7 @@ def test_bad_checkpoints_write_nothing(trained: dict[str, Path], tmp_path: Path)
 
 def test_engine_refuses_a_bundle_from_another_export_version(bundles, tmp_path: Path) -> None:
     """A bundle whose step graph lacks what this engine feeds is refused at load, not mid-run."""
-    from server.bundle import sha256_file
+    from attnserve.server.bundle import sha256_file
 
     copy = tmp_path / "old"
     shutil.copytree(bundles["bahdanau"], copy)

@@ -7,10 +7,10 @@ import itertools
 import pytest
 import torch
 
-from model.attention import SCORES, MultiHeadAttention, build_rnn_attention
-from model.config import ModelConfig
-from model.decode import DecodeOptions, beam_search, greedy
-from model.zoo import build_model
+from attnserve.model.attention import SCORES, MultiHeadAttention, build_rnn_attention
+from attnserve.model.config import ModelConfig
+from attnserve.model.decode import DecodeOptions, beam_search, greedy
+from attnserve.model.zoo import build_model
 
 V = 60
 

@@ -7,10 +7,10 @@ import time
 
 import pytest
 
-from server.bundle import load_bundle
-from server.engine import Engine, TranslationOptions
-from server.metrics import Metrics
-from server.scheduler import BatchingConfig, Job, Scheduler, SchedulerError
+from attnserve.server.bundle import load_bundle
+from attnserve.server.engine import Engine, TranslationOptions
+from attnserve.server.metrics import Metrics
+from attnserve.server.scheduler import BatchingConfig, Job, Scheduler, SchedulerError
 
 
 @pytest.fixture(scope="module")

@@ -21,10 +21,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from attnserve.client import TranslatorClient
 from attnserve.v1 import translator_pb2 as pb
 from attnserve.v1 import translator_pb2_grpc as pb_grpc
-from server.bundle import load_bundle
-from server.config import SHIPPED_REPOSITORY, ServerConfig
-from server.engine import Engine, TranslationOptions
-from server.service import create_server
+from attnserve.server.bundle import load_bundle
+from attnserve.server.config import SHIPPED_REPOSITORY, ServerConfig
+from attnserve.server.engine import Engine, TranslationOptions
+from attnserve.server.service import create_server
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = SHIPPED_REPOSITORY / "en-fr" / "1"

@@ -12,10 +12,10 @@ import safetensors.torch
 import torch
 
 from attnserve.cli import main
-from model.checkpoint import CheckpointError, load_model
-from model.config import Config, ModelConfig, TrainConfig
-from model.corpus import write_tsv
-from model.train import run_training
+from attnserve.model.checkpoint import CheckpointError, load_model
+from attnserve.model.config import Config, ModelConfig, TrainConfig
+from attnserve.model.corpus import write_tsv
+from attnserve.model.train import run_training
 
 # A toy language pair: a word-for-word dictionary with adjectives moved after their noun, so the
 # models must learn lexical translation and a local reordering.
@@ -135,7 +135,7 @@ def test_checkpoints_refuse_incompatible_or_missing_files(toy_corpus: Path, tmp_
             return (print, ("unpickled!",))
 
     (run_dir / "checkpoints/last/trainer.pt").write_bytes(pickle.dumps({"optimizer": Evil()}, protocol=2))
-    from model.checkpoint import load_trainer_state
+    from attnserve.model.checkpoint import load_trainer_state
 
     with pytest.raises(pickle.UnpicklingError):
         load_trainer_state(run_dir / "checkpoints/last")
