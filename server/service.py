@@ -99,93 +99,8 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
 
     def TranslateStream(self, request_iterator: Iterator[pb.TranslateStreamRequest],
                         context: grpc.ServicerContext) -> Iterator[pb.TranslateStreamResponse]:
-        """A reader thread takes items as they come and queues their jobs; this generator sends
-        each result the moment the scheduler delivers it. Every item gets exactly one response:
-        its translation or its own error. At most `stream_window` items are in flight: beyond
-        that the reader stops reading, and HTTP/2 flow control holds the client back, so a
-        stream of any length neither fills the server's queue nor its memory."""
         with self._rpc("TranslateStream", context) as call:
-            # Responses are built here, in the handler thread, not in the scheduler's.
-            answers: queue.Queue[Callable[[], pb.TranslateStreamResponse] | None] = queue.Queue()
-            window = threading.Semaphore(self.config.stream_window)
-            in_flight: set[Job] = set()
-            counts = {"items": 0, "answered": 0}
-            reader_done = threading.Event()
-            deadline = self._deadline(context)
-
-            def answer(make: Callable[[], pb.TranslateStreamResponse], job: Job | None = None) -> None:
-                if job is not None:
-                    in_flight.discard(job)
-                answers.put(make)
-                window.release()
-
-            def error(item_id: str, code: grpc.StatusCode, message: str, model: str = "", version: str = "",
-                      job: Job | None = None) -> None:
-                answer(lambda: pb.TranslateStreamResponse(id=item_id, error=pb.Status(code=code.value[0], message=message),
-                                                          model=model, version=version), job)
-
-            def read() -> None:
-                try:
-                    for item in request_iterator:
-                        while not window.acquire(timeout=0.1):
-                            if not context.is_active():
-                                return
-                        counts["items"] += 1
-                        try:
-                            model = self._model(item.model, item.version)
-                            call.model = call.model or model.name
-                            opts = self._options(item.options, model)
-                            source = self._encode(model, item.sentence, f"item {item.id!r}")
-                        except RequestError as exc:
-                            error(item.id, exc.code, str(exc))
-                            continue
-
-                        job = Job([source], opts, deadline)
-
-                        def on_result(_index: int, hypotheses: list[Hypothesis], item=item, model=model, source=source,
-                                      opts=opts, job=job) -> None:
-                            answer(lambda: pb.TranslateStreamResponse(
-                                id=item.id, translation=self._translation(model, source, hypotheses, opts),
-                                model=model.name, version=model.version), job)
-
-                        def on_error(exc: SchedulerError, item=item, model=model, job=job) -> None:
-                            error(item.id, SCHEDULER_CODES[exc.reason], str(exc), model.name, model.version, job)
-
-                        job.on_result, job.on_error = on_result, on_error
-                        in_flight.add(job)
-                        try:
-                            self._submit(model, job)
-                        except RequestError as exc:
-                            error(item.id, exc.code, str(exc), model.name, model.version, job)
-                except grpc.RpcError:
-                    pass  # the client went away: the callback below cancels what is left
-                except Exception:
-                    log.exception("TranslateStream reader failed")
-                finally:
-                    reader_done.set()
-                    answers.put(None)  # wake the writer
-
-            def cancel_all() -> None:
-                for job in list(in_flight):
-                    if job.scheduler is not None:  # queued: cancel it where it is, even on a retiring version
-                        job.scheduler.cancel(job)
-
-            context.add_callback(cancel_all)
-            threading.Thread(target=read, name="stream-reader", daemon=True).start()
-            while context.is_active():
-                if reader_done.is_set() and counts["answered"] == counts["items"]:
-                    return
-                try:
-                    make = answers.get(timeout=0.1)
-                except queue.Empty:
-                    if deadline is not None and time.monotonic() > deadline:
-                        cancel_all()
-                    continue
-                if make is None:
-                    continue
-                counts["answered"] += 1
-                yield make()
-            cancel_all()
+            yield from _Stream(self, request_iterator, context, call).responses()
 
     def ListModels(self, request: pb.ListModelsRequest, context: grpc.ServicerContext) -> pb.ListModelsResponse:
         with self._rpc("ListModels", context):
@@ -313,6 +228,127 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
             validation = manifest["precisions"].get(version.engine.precision, {}).get("validation", {})
             info.test_bleu = validation.get("test_bleu", 0.0)
         return info
+
+
+class _Stream:
+    """One TranslateStream call. A reader thread takes items as they come and queues their
+    jobs; `responses()`, in the handler thread, sends each result the moment the scheduler
+    delivers it. Every item gets exactly one response: its translation or its own error. At most
+    `stream_window` items are in flight: beyond that the reader stops reading, and HTTP/2 flow
+    control holds the client back, so a stream of any length neither fills the server's queue
+    nor its memory.
+
+    Three threads touch its state: the reader (items read, jobs in flight), the scheduler
+    (answers, jobs done) and the handler (answers sent), plus gRPC's callback thread on cancel.
+    `_lock` guards the counts and the in-flight set; the answer queue and the window semaphore
+    are thread-safe themselves."""
+
+    def __init__(self, servicer: TranslatorServicer, items: Iterator[pb.TranslateStreamRequest],
+                 context: grpc.ServicerContext, call: _Call):
+        self.servicer, self.items, self.context, self.call = servicer, items, context, call
+        self.deadline = servicer._deadline(context)
+        # Responses are built by the handler thread (from these thunks), not the scheduler's.
+        self.answers: queue.Queue[Callable[[], pb.TranslateStreamResponse] | None] = queue.Queue()
+        self.window = threading.Semaphore(servicer.config.stream_window)
+        self.reader_done = threading.Event()
+        self._lock = threading.Lock()
+        self._items_read = 0
+        self._items_answered = 0
+        self._in_flight: set[Job] = set()
+
+    # -- the handler thread ----------------------------------------------------------------------
+
+    def responses(self) -> Iterator[pb.TranslateStreamResponse]:
+        self.context.add_callback(self.cancel_all)
+        threading.Thread(target=self._read, name="stream-reader", daemon=True).start()
+        while self.context.is_active():
+            if self.reader_done.is_set() and self._all_answered():
+                return
+            try:
+                make = self.answers.get(timeout=0.1)
+            except queue.Empty:
+                if self.deadline is not None and time.monotonic() > self.deadline:
+                    self.cancel_all()
+                continue
+            if make is None:
+                continue  # the reader finished: check again
+            with self._lock:
+                self._items_answered += 1
+            yield make()
+        self.cancel_all()
+
+    def _all_answered(self) -> bool:
+        with self._lock:
+            return self._items_answered == self._items_read
+
+    # -- the reader thread -----------------------------------------------------------------------
+
+    def _read(self) -> None:
+        try:
+            for item in self.items:
+                while not self.window.acquire(timeout=0.1):
+                    if not self.context.is_active():
+                        return
+                with self._lock:
+                    self._items_read += 1
+                self._start(item)
+        except grpc.RpcError:
+            pass  # the client went away: the cancel callback stops what is left
+        except Exception:
+            log.exception("TranslateStream reader failed")
+        finally:
+            self.reader_done.set()
+            self.answers.put(None)  # wake the handler
+
+    def _start(self, item: pb.TranslateStreamRequest) -> None:
+        servicer = self.servicer
+        try:
+            model = servicer._model(item.model, item.version)
+            self.call.model = self.call.model or model.name
+            opts = servicer._options(item.options, model)
+            source = servicer._encode(model, item.sentence, f"item {item.id!r}")
+        except RequestError as exc:
+            self._error(item.id, exc.code, str(exc))
+            return
+
+        def on_result(_index: int, hypotheses: list[Hypothesis]) -> None:
+            self._answer(lambda: pb.TranslateStreamResponse(
+                id=item.id, translation=servicer._translation(model, source, hypotheses, opts),
+                model=model.name, version=model.version), job)
+
+        def on_error(exc: SchedulerError) -> None:
+            self._error(item.id, SCHEDULER_CODES[exc.reason], str(exc), model.name, model.version, job)
+
+        job = Job([source], opts, self.deadline, on_result=on_result, on_error=on_error)
+        with self._lock:
+            self._in_flight.add(job)
+        try:
+            servicer._submit(model, job)
+        except RequestError as exc:
+            self._error(item.id, exc.code, str(exc), model.name, model.version, job)
+
+    # -- answers, from any thread ----------------------------------------------------------------
+
+    def _answer(self, make: Callable[[], pb.TranslateStreamResponse], job: Job | None = None) -> None:
+        if job is not None:
+            with self._lock:
+                self._in_flight.discard(job)
+        self.answers.put(make)
+        self.window.release()
+
+    def _error(self, item_id: str, code: grpc.StatusCode, message: str, model: str = "", version: str = "",
+               job: Job | None = None) -> None:
+        self._answer(lambda: pb.TranslateStreamResponse(id=item_id, error=pb.Status(code=code.value[0], message=message),
+                                                        model=model, version=version), job)
+
+    def cancel_all(self) -> None:
+        """Cancel every job still in flight, where it is queued (even on a retiring version).
+        Cancelling calls on_error, which takes the lock: iterate over a copy, outside it."""
+        with self._lock:
+            jobs = list(self._in_flight)
+        for job in jobs:
+            if job.scheduler is not None:
+                job.scheduler.cancel(job)
 
 
 class BearerTokenInterceptor(grpc.ServerInterceptor):
