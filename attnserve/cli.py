@@ -14,19 +14,70 @@ log = logging.getLogger("attnserve")
 
 
 def _data_build(args: argparse.Namespace) -> int:
-    from attnserve.model.corpus import CleanConfig, CorpusError, build_corpus
+    from attnserve.model.corpus import DEFAULT_OOD, CleanConfig, CorpusError, OodSplit, build_corpus
 
     cfg = CleanConfig(max_chars=args.max_chars, max_words=args.max_words, max_ratio=args.max_ratio,
                       dev_fraction=args.dev_fraction, test_fraction=args.test_fraction)
     locale_dir = None if args.no_catalogs else Path(args.locale_dir)
+    # The held-out packages come from a harvest: without a cache there is nothing to hold out.
+    if args.no_ood or not args.cache:
+        ood = OodSplit()
+    else:
+        ood = OodSplit(tuple(args.ood_dev if args.ood_dev is not None else DEFAULT_OOD.dev_packages),
+                       tuple(args.ood_test if args.ood_test is not None else DEFAULT_OOD.test_packages))
     try:
-        report = build_corpus(Path(args.out), args.src, args.tgt, locale_dir, args.tsv, args.moses, cfg)
-    except CorpusError as exc:
+        reserved = _reserved_list(args)
+        report = build_corpus(Path(args.out), args.src, args.tgt, locale_dir, args.tsv, args.moses, cfg,
+                              cache_dirs=args.cache, help_dirs=args.help_dir, reserved=reserved, ood=ood)
+    except (CorpusError, ValueError, OSError) as exc:
         log.error("%s", exc)
         return 2
-    summary = {k: getattr(report, k) for k in ("read", "kept", "splits", "dropped", "catalogs", "corrupt_catalogs")}
+    summary = {k: getattr(report, k) for k in ("read", "kept", "splits", "dropped", "catalogs", "corrupt_catalogs",
+                                               "packages", "read_by_source", "help_pages", "reserved")}
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def _data_harvest(args: argparse.Namespace) -> int:
+    from attnserve.model.harvest import (AptGetFetcher, DirectoryFetcher, HarvestError, HarvestOptions, harvest,
+                                         local_package_info)
+
+    try:
+        reserved = _reserved_list(args)
+    except (ValueError, OSError) as exc:
+        log.error("%s", exc)
+        return 2
+    options = HarvestOptions(src=args.src, tgt=args.tgt, cache=Path(args.cache), reserved=reserved,
+                             max_deb_mb=args.max_deb_mb, jobs=args.jobs, refresh_index=args.refresh_index,
+                             contents=args.contents or None, progress=not args.quiet)
+    if args.deb_dir:  # offline: a local directory of .debs stands in for apt
+        fetch, info = DirectoryFetcher(args.deb_dir), (lambda names: local_package_info(args.deb_dir))
+    else:
+        fetch, info = AptGetFetcher(tuple(args.fetch_command.split())), None
+    try:
+        report = harvest(options, fetch, info)
+    except HarvestError as exc:
+        log.error("%s", exc)
+        return 2
+    print(json.dumps(report.summary(), indent=2))
+    return 0 if report.harvested else 1
+
+
+def _reserved_list(args: argparse.Namespace) -> "ReservedList":
+    """The reserved-for-evaluation list: the default path may be absent (a checkout elsewhere),
+    an explicit one must exist."""
+    from attnserve.model.reserved import ReservedList, default_reserved_list
+
+    if args.no_reserved:
+        log.warning("no reserved list: reserved evaluation packages may be read")
+        return ReservedList()
+    path = Path(args.reserved) if args.reserved else default_reserved_list()
+    if not path.is_file() and not args.reserved:
+        log.warning("reserved list %s not found: nothing is excluded (pass --reserved PATH)", path)
+        return ReservedList()
+    reserved = ReservedList.load(path)
+    log.info("reserved list %s: %d packages, %d catalogs excluded", path, len(reserved.packages), len(reserved.catalogs))
+    return reserved
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -195,7 +246,34 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--max-ratio", type=float, default=3.0)
     build.add_argument("--dev-fraction", type=float, default=0.02)
     build.add_argument("--test-fraction", type=float, default=0.02)
+    build.add_argument("--cache", type=Path, action="append", default=[],
+                       help="harvest cache (data harvest --cache) read like a locale directory (repeatable)")
+    build.add_argument("--help-dir", type=Path, action="append", default=[],
+                       help="GNOME help directory (e.g. /usr/share/help) read besides the cache's (repeatable)")
+    build.add_argument("--reserved", help="reserved-for-evaluation list (default ../shared/heldout-packages.txt)")
+    build.add_argument("--no-reserved", action="store_true", help=argparse.SUPPRESS)
+    build.add_argument("--ood-dev", nargs="*", metavar="PACKAGE",
+                       help="harvested packages held out as ood-dev.tsv (default: a fixed diverse set)")
+    build.add_argument("--ood-test", nargs="*", metavar="PACKAGE",
+                       help="harvested packages held out as ood-test.tsv (default: a fixed diverse set)")
+    build.add_argument("--no-ood", action="store_true", help="no out-of-domain split")
     build.set_defaults(func=_data_build)
+
+    hv = data.add_parser("harvest", help="download Debian packages' translations (gettext, help pages) into a cache")
+    hv.add_argument("--src", default="en", help="source language (default en)")
+    hv.add_argument("--tgt", nargs="+", default=["fr"], help="target languages, harvested in one pass (default fr)")
+    hv.add_argument("--cache", required=True, help="cache directory (resumable: done packages are skipped)")
+    hv.add_argument("--max-deb-mb", type=float, default=50.0, help="skip (and report) packages larger than this")
+    hv.add_argument("--jobs", type=int, default=4, help="parallel downloads")
+    hv.add_argument("--reserved", help="reserved-for-evaluation list (default ../shared/heldout-packages.txt)")
+    hv.add_argument("--no-reserved", action="store_true", help=argparse.SUPPRESS)
+    hv.add_argument("--contents", type=Path, action="append", default=[],
+                    help="local Contents-*.gz index (default: the mirror's, from apt's sources, or apt-file)")
+    hv.add_argument("--refresh-index", action="store_true", help="download the Contents index again")
+    hv.add_argument("--deb-dir", type=Path, help="take NAME_VERSION_ARCH.deb files from this directory, not apt")
+    hv.add_argument("--fetch-command", default="apt-get download -q", help="download command (gets NAME=VERSION)")
+    hv.add_argument("--quiet", action="store_true", help="no progress bar")
+    hv.set_defaults(func=_data_harvest)
 
     train = sub.add_parser("train", help="train or resume a model")
     train.add_argument("--config", required=True, help="TOML config with [model] and [train] tables")
