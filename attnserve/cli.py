@@ -163,6 +163,10 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _translate(args: argparse.Namespace) -> int:
+    from attnserve.translate_files import translate_file  # PO, HTML, documents: the text pipeline
+
+    if (handled := translate_file(args)) is not None:
+        return handled
     if args.server:
         return _translate_remote(args)
     if len(args.input) != 1 or not args.output or not args.model:
@@ -226,126 +230,169 @@ def _serve(args: argparse.Namespace) -> int:
     return serve(config)
 
 
+def add_data_build_parser(subparsers: argparse._SubParsersAction) -> None:
+    """`data build`: read catalogs, a harvest cache, help pages, TSV and Moses files; clean; split."""
+    parser = subparsers.add_parser("build", help="read gettext catalogs, a harvest cache, help pages, TSV / Moses files; clean, split")
+    parser.add_argument("--src", default="en", help="source language (default en)")
+    parser.add_argument("--tgt", default="fr", help="target language (default fr)")
+    parser.add_argument("--out", required=True, help="output directory for train/dev/test.tsv and report.json")
+    parser.add_argument("--locale-dir", default="/usr/share/locale", help="gettext locale directory")
+    parser.add_argument("--no-catalogs", action="store_true", help="read only --tsv/--moses inputs")
+    parser.add_argument("--tsv", type=Path, action="append", default=[], help="source<TAB>target file (repeatable)")
+    parser.add_argument("--moses", type=Path, action="append", default=[],
+                        help="Moses file prefix: PREFIX.SRC and PREFIX.TGT (repeatable)")
+    parser.add_argument("--max-chars", type=int, default=300)
+    parser.add_argument("--max-words", type=int, default=60)
+    parser.add_argument("--max-ratio", type=float, default=3.0)
+    parser.add_argument("--dev-fraction", type=float, default=0.02)
+    parser.add_argument("--test-fraction", type=float, default=0.02)
+    parser.add_argument("--cache", type=Path, action="append", default=[],
+                        help="harvest cache (data harvest --cache) read like a locale directory (repeatable)")
+    parser.add_argument("--help-dir", type=Path, action="append", default=[],
+                        help="GNOME help directory (e.g. /usr/share/help) read besides the cache's (repeatable)")
+    parser.add_argument("--reserved", help="reserved-for-evaluation list (default ../shared/heldout-packages.txt)")
+    parser.add_argument("--no-reserved", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--ood-dev", nargs="*", metavar="PACKAGE",
+                        help="harvested packages held out as ood-dev.tsv (default: a fixed diverse set)")
+    parser.add_argument("--ood-test", nargs="*", metavar="PACKAGE",
+                        help="harvested packages held out as ood-test.tsv (default: a fixed diverse set)")
+    parser.add_argument("--no-ood", action="store_true", help="no out-of-domain split")
+    parser.set_defaults(func=_data_build)
+
+
+def add_data_harvest_parser(subparsers: argparse._SubParsersAction) -> None:
+    """`data harvest`: fetch Debian packages' translations into a cache."""
+    parser = subparsers.add_parser("harvest", help="download Debian packages' translations (gettext, help pages) into a cache")
+    parser.add_argument("--src", default="en", help="source language (default en)")
+    parser.add_argument("--tgt", nargs="+", default=["fr"], help="target languages, harvested in one pass (default fr)")
+    parser.add_argument("--cache", required=True, help="cache directory (resumable: done packages are skipped)")
+    parser.add_argument("--max-deb-mb", type=float, default=50.0, help="skip (and report) packages larger than this")
+    parser.add_argument("--jobs", type=int, default=4, help="parallel downloads")
+    parser.add_argument("--reserved", help="reserved-for-evaluation list (default ../shared/heldout-packages.txt)")
+    parser.add_argument("--no-reserved", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--contents", type=Path, action="append", default=[],
+                        help="local Contents-*.gz index (default: the mirror's, from apt's sources, or apt-file)")
+    parser.add_argument("--refresh-index", action="store_true", help="download the Contents index again")
+    parser.add_argument("--deb-dir", type=Path, help="take NAME_VERSION_ARCH.deb files from this directory, not apt")
+    parser.add_argument("--fetch-command", default="apt-get download -q", help="download command (gets NAME=VERSION)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(func=_data_harvest)
+
+
+def add_data_parser(subparsers: argparse._SubParsersAction) -> None:
+    """`data`: corpus subcommands (build, harvest)."""
+    data = subparsers.add_parser("data", help="build a parallel corpus").add_subparsers(dest="action", required=True)
+    add_data_build_parser(data)
+    add_data_harvest_parser(data)
+
+
+def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
+    """`train`: train or resume a model from a TOML config."""
+    parser = subparsers.add_parser("train", help="train or resume a model")
+    parser.add_argument("--config", required=True, help="TOML config with [model] and [train] tables")
+    parser.add_argument("--time-limit", type=float, help="minutes of training before a clean stop")
+    parser.add_argument("--max-steps", type=int)
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
+    parser.add_argument("--data", help="override train.data_dir")
+    parser.add_argument("--out", help="override train.out_dir (the run directory)")
+    parser.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
+    parser.set_defaults(func=_train)
+
+
+def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
+    """`eval`: BLEU/chrF of runs, by length, with a plot."""
+    parser = subparsers.add_parser("eval", help="BLEU/chrF on the test split, BLEU by source length, plot")
+    parser.add_argument("runs", nargs="+", help="run directories (several: one plot compares them)")
+    parser.add_argument("--split", help="TSV to score (default: the run's test.tsv)")
+    parser.add_argument("--beam", type=int, default=1)
+    parser.add_argument("--length-penalty", type=float, default=1.0)
+    parser.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--plot", help="PNG path (default RUN/bleu-by-length.png)")
+    parser.add_argument("--show", type=int, default=0, help="print this many test translations")
+    parser.set_defaults(func=_eval)
+
+
+def add_export_parser(subparsers: argparse._SubParsersAction) -> None:
+    """`export`: a training run to a verified ONNX model bundle."""
+    parser = subparsers.add_parser("export", help="export a training run to a verified ONNX model bundle")
+    parser.add_argument("source", help="training run directory (or, with --summary, a bundle directory)")
+    parser.add_argument("--out", help="bundle directory, conventionally REPO/NAME/VERSION")
+    parser.add_argument("--precision", nargs="+", default=["fp32", "int8"], choices=["fp32", "int8", "fp16"],
+                        help="precisions to export (fp16 needs CUDA for validation)")
+    parser.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    parser.add_argument("--validation-sentences", type=int, default=0,
+                        help="dev/test sentences used to validate (default: the whole splits)")
+    parser.add_argument("--summary", dest="summary_only", action="store_true",
+                        help="print node types and validation results of an existing bundle")
+    parser.set_defaults(func=_export)
+
+
+def add_translate_parser(subparsers: argparse._SubParsersAction) -> None:
+    """`translate`: offline file translation, or sentences sent to a server."""
+    from attnserve.translate_files import FORMAT_CHOICES, add_file_arguments  # argparse only
+
+    parser = subparsers.add_parser("translate", help="translate a file offline (resumable, shardable)")
+    parser.add_argument("input", nargs="*", help="offline: plain text (one sentence a line) or JSONL ({\"text\": ...} a line); "
+                        "with --server: the sentences to translate (none or '-': stdin lines)")
+    parser.add_argument("-o", "--output", help="output file; OUTPUT.partial while running (offline)")
+    parser.add_argument("--model", help="model bundle directory (REPO/NAME/VERSION) (offline)")
+    parser.add_argument("--server", help="HOST:PORT of an attnserve server: translate there and print the results")
+    parser.add_argument("--model-name", help="with --server: model name (default: the server's default model)")
+    parser.add_argument("--token", help="with --server: bearer token (default: env ATTNSERVE_AUTH_TOKEN)")
+    parser.add_argument("--tls", action="store_true", help="with --server: connect with TLS (system roots)")
+    parser.add_argument("--tls-ca", help="with --server: PEM root certificate to trust (implies --tls)")
+    parser.add_argument("--timeout", type=float, default=30.0, help="with --server: deadline in seconds")
+    parser.add_argument("--wait", type=float, default=0.0, help="with --server: first wait up to this many seconds for the "
+                        "server to be SERVING (e.g. just after starting it)")
+    parser.add_argument("--precision", default="fp32", help="fp32, int8 (CPU) or fp16 (CUDA), as the bundle has them")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all cores)")
+    parser.add_argument("--beam", type=int, default=4)
+    parser.add_argument("--length-penalty", type=float, default=1.0)
+    parser.add_argument("--shard", default="0/1", help="I/N: translate the I-th of N contiguous slices")
+    parser.add_argument("--format", default="auto", choices=FORMAT_CHOICES,
+                        help="auto: from the extension (.jsonl, .po/.pot, .html/.htm, .xlf, .md; else text); text: one "
+                        "sentence a line; document: paragraphs split into sentences")
+    add_file_arguments(parser)
+    parser.add_argument("--long", default="truncate", choices=["truncate", "report"],
+                        help="over-long lines: translate the truncated source, or report them and leave the line empty")
+    parser.add_argument("--chunk-lines", type=int, default=512, help="lines translated and fsynced together")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(func=_translate)
+
+
+def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
+    """`serve`: the gRPC server; its flags are owned by attnserve.server.config."""
+    from attnserve.server.config import add_arguments  # no torch, no onnxruntime: argparse only
+
+    parser = subparsers.add_parser(
+        "serve", help="serve the model repository over gRPC (with no arguments: the shipped en-fr model)",
+        description="Every setting can come from a flag, an environment variable or a TOML "
+                    "file (--config), in that order of precedence.")
+    add_arguments(parser)
+    parser.set_defaults(func=_serve)
+
+
+def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
+    """`bench` and `bench-load` have their own parsers (main() hands them argv): listed for --help only."""
+    subparsers.add_parser("bench", help="side-by-side decoding benchmark (torch, onnxruntime, CTranslate2); "
+                          "see bench --help", add_help=False)
+    subparsers.add_parser("bench-load", help="gRPC load benchmark: concurrent clients, batching on/off, vs the offline "
+                          "engine; see bench-load --help", add_help=False)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attnserve", description="Attention-based machine translation.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    data = sub.add_parser("data", help="build a parallel corpus").add_subparsers(dest="action", required=True)
-    build = data.add_parser("build", help="read gettext catalogs / TSV / Moses files, clean, split")
-    build.add_argument("--src", default="en", help="source language (default en)")
-    build.add_argument("--tgt", default="fr", help="target language (default fr)")
-    build.add_argument("--out", required=True, help="output directory for train/dev/test.tsv and report.json")
-    build.add_argument("--locale-dir", default="/usr/share/locale", help="gettext locale directory")
-    build.add_argument("--no-catalogs", action="store_true", help="read only --tsv/--moses inputs")
-    build.add_argument("--tsv", type=Path, action="append", default=[], help="source<TAB>target file (repeatable)")
-    build.add_argument("--moses", type=Path, action="append", default=[],
-                       help="Moses file prefix: PREFIX.SRC and PREFIX.TGT (repeatable)")
-    build.add_argument("--max-chars", type=int, default=300)
-    build.add_argument("--max-words", type=int, default=60)
-    build.add_argument("--max-ratio", type=float, default=3.0)
-    build.add_argument("--dev-fraction", type=float, default=0.02)
-    build.add_argument("--test-fraction", type=float, default=0.02)
-    build.add_argument("--cache", type=Path, action="append", default=[],
-                       help="harvest cache (data harvest --cache) read like a locale directory (repeatable)")
-    build.add_argument("--help-dir", type=Path, action="append", default=[],
-                       help="GNOME help directory (e.g. /usr/share/help) read besides the cache's (repeatable)")
-    build.add_argument("--reserved", help="reserved-for-evaluation list (default ../shared/heldout-packages.txt)")
-    build.add_argument("--no-reserved", action="store_true", help=argparse.SUPPRESS)
-    build.add_argument("--ood-dev", nargs="*", metavar="PACKAGE",
-                       help="harvested packages held out as ood-dev.tsv (default: a fixed diverse set)")
-    build.add_argument("--ood-test", nargs="*", metavar="PACKAGE",
-                       help="harvested packages held out as ood-test.tsv (default: a fixed diverse set)")
-    build.add_argument("--no-ood", action="store_true", help="no out-of-domain split")
-    build.set_defaults(func=_data_build)
-
-    hv = data.add_parser("harvest", help="download Debian packages' translations (gettext, help pages) into a cache")
-    hv.add_argument("--src", default="en", help="source language (default en)")
-    hv.add_argument("--tgt", nargs="+", default=["fr"], help="target languages, harvested in one pass (default fr)")
-    hv.add_argument("--cache", required=True, help="cache directory (resumable: done packages are skipped)")
-    hv.add_argument("--max-deb-mb", type=float, default=50.0, help="skip (and report) packages larger than this")
-    hv.add_argument("--jobs", type=int, default=4, help="parallel downloads")
-    hv.add_argument("--reserved", help="reserved-for-evaluation list (default ../shared/heldout-packages.txt)")
-    hv.add_argument("--no-reserved", action="store_true", help=argparse.SUPPRESS)
-    hv.add_argument("--contents", type=Path, action="append", default=[],
-                    help="local Contents-*.gz index (default: the mirror's, from apt's sources, or apt-file)")
-    hv.add_argument("--refresh-index", action="store_true", help="download the Contents index again")
-    hv.add_argument("--deb-dir", type=Path, help="take NAME_VERSION_ARCH.deb files from this directory, not apt")
-    hv.add_argument("--fetch-command", default="apt-get download -q", help="download command (gets NAME=VERSION)")
-    hv.add_argument("--quiet", action="store_true", help="no progress bar")
-    hv.set_defaults(func=_data_harvest)
-
-    train = sub.add_parser("train", help="train or resume a model")
-    train.add_argument("--config", required=True, help="TOML config with [model] and [train] tables")
-    train.add_argument("--time-limit", type=float, help="minutes of training before a clean stop")
-    train.add_argument("--max-steps", type=int)
-    train.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
-    train.add_argument("--data", help="override train.data_dir")
-    train.add_argument("--out", help="override train.out_dir (the run directory)")
-    train.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
-    train.set_defaults(func=_train)
-
-    ev = sub.add_parser("eval", help="BLEU/chrF on the test split, BLEU by source length, plot")
-    ev.add_argument("runs", nargs="+", help="run directories (several: one plot compares them)")
-    ev.add_argument("--split", help="TSV to score (default: the run's test.tsv)")
-    ev.add_argument("--beam", type=int, default=1)
-    ev.add_argument("--length-penalty", type=float, default=1.0)
-    ev.add_argument("--checkpoint", default="best", choices=["best", "last"])
-    ev.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    ev.add_argument("--plot", help="PNG path (default RUN/bleu-by-length.png)")
-    ev.add_argument("--show", type=int, default=0, help="print this many test translations")
-    ev.set_defaults(func=_eval)
-
-    ex = sub.add_parser("export", help="export a training run to a verified ONNX model bundle")
-    ex.add_argument("source", help="training run directory (or, with --summary, a bundle directory)")
-    ex.add_argument("--out", help="bundle directory, conventionally REPO/NAME/VERSION")
-    ex.add_argument("--precision", nargs="+", default=["fp32", "int8"], choices=["fp32", "int8", "fp16"],
-                    help="precisions to export (fp16 needs CUDA for validation)")
-    ex.add_argument("--checkpoint", default="best", choices=["best", "last"])
-    ex.add_argument("--validation-sentences", type=int, default=0,
-                    help="dev/test sentences used to validate (default: the whole splits)")
-    ex.add_argument("--summary", dest="summary_only", action="store_true",
-                    help="print node types and validation results of an existing bundle")
-    ex.set_defaults(func=_export)
-
-    tr = sub.add_parser("translate", help="translate a file offline (resumable, shardable)")
-    tr.add_argument("input", nargs="*", help="offline: plain text (one sentence a line) or JSONL ({\"text\": ...} a line); "
-                    "with --server: the sentences to translate (none or '-': stdin lines)")
-    tr.add_argument("-o", "--output", help="output file; OUTPUT.partial while running (offline)")
-    tr.add_argument("--model", help="model bundle directory (REPO/NAME/VERSION) (offline)")
-    tr.add_argument("--server", help="HOST:PORT of an attnserve server: translate there and print the results")
-    tr.add_argument("--model-name", help="with --server: model name (default: the server's default model)")
-    tr.add_argument("--token", help="with --server: bearer token (default: env ATTNSERVE_AUTH_TOKEN)")
-    tr.add_argument("--tls", action="store_true", help="with --server: connect with TLS (system roots)")
-    tr.add_argument("--tls-ca", help="with --server: PEM root certificate to trust (implies --tls)")
-    tr.add_argument("--timeout", type=float, default=30.0, help="with --server: deadline in seconds")
-    tr.add_argument("--wait", type=float, default=0.0, help="with --server: first wait up to this many seconds for the "
-                    "server to be SERVING (e.g. just after starting it)")
-    tr.add_argument("--precision", default="fp32", help="fp32, int8 (CPU) or fp16 (CUDA), as the bundle has them")
-    tr.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    tr.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all cores)")
-    tr.add_argument("--beam", type=int, default=4)
-    tr.add_argument("--length-penalty", type=float, default=1.0)
-    tr.add_argument("--shard", default="0/1", help="I/N: translate the I-th of N contiguous slices")
-    tr.add_argument("--format", default="auto", choices=["auto", "text", "jsonl"], help="auto: jsonl for *.jsonl")
-    tr.add_argument("--long", default="truncate", choices=["truncate", "report"],
-                    help="over-long lines: translate the truncated source, or report them and leave the line empty")
-    tr.add_argument("--chunk-lines", type=int, default=512, help="lines translated and fsynced together")
-    tr.add_argument("--quiet", action="store_true", help="no progress bar")
-    tr.set_defaults(func=_translate)
-
-    from attnserve.server.config import add_arguments  # no torch, no onnxruntime: argparse only
-
-    sv = sub.add_parser("serve", help="serve the model repository over gRPC (with no arguments: the shipped en-fr model)",
-                        description="Every setting can come from a flag, an environment variable or a TOML "
-                                    "file (--config), in that order of precedence.")
-    add_arguments(sv)
-    sv.set_defaults(func=_serve)
-
-    sub.add_parser("bench", help="side-by-side decoding benchmark (torch, onnxruntime, CTranslate2); see bench --help",
-                   add_help=False)
-    sub.add_parser("bench-load", help="gRPC load benchmark: concurrent clients, batching on/off, vs the offline engine; "
-                   "see bench-load --help", add_help=False)
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    add_data_parser(subparsers)
+    add_train_parser(subparsers)
+    add_eval_parser(subparsers)
+    add_export_parser(subparsers)
+    add_translate_parser(subparsers)
+    add_serve_parser(subparsers)
+    add_bench_parser(subparsers)
     return parser
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import datetime
+import fcntl
 import gzip
 import json
 import logging
@@ -277,35 +278,59 @@ def apt_package_info(names: list[str], chunk: int = 200) -> dict[str, PackageInf
 
 
 class Fetcher(Protocol):
-    """Puts the .deb of a package into `workdir` and returns its path (raises on failure)."""
+    """Puts the .debs of some packages into `workdir`; returns package -> .deb path for those it
+    got and package -> error message for those it did not."""
 
-    def __call__(self, package: PackageInfo, workdir: Path) -> Path: ...
+    def __call__(self, packages: list[PackageInfo], workdir: Path) -> tuple[dict[str, Path], dict[str, str]]: ...
 
 
 class FetchError(Exception):
     pass
 
 
+def _debs_by_package(workdir: Path) -> dict[str, Path]:
+    """NAME_VERSION_ARCH.deb files, by package name."""
+    return {deb.name.split("_", 1)[0]: deb for deb in sorted(workdir.glob("*.deb"))}
+
+
 @dataclasses.dataclass(frozen=True)
 class AptGetFetcher:
-    """`apt-get download NAME=VERSION` in a private directory. `command` can be replaced
+    """`apt-get download NAME=VERSION ...` in a private directory, many packages a call: apt
+    spends about a CPU second loading its cache on every start, more than a small package takes
+    to download. When a batch fails as a whole (one unknown version aborts it), each missing
+    package is retried alone, so one bad package costs only itself. `command` can be replaced
     (a fake apt-get for tests, or a proxy wrapper)."""
 
     command: tuple[str, ...] = ("apt-get", "download", "-q")
     timeout_s: float = 900.0
 
-    def __call__(self, package: PackageInfo, workdir: Path) -> Path:
-        target = f"{package.name}={package.version}" if package.version else package.name
+    def _run(self, packages: list[PackageInfo], workdir: Path) -> str:
+        targets = [f"{p.name}={p.version}" if p.version else p.name for p in packages]
         try:
-            result = subprocess.run([*self.command, target], cwd=workdir, capture_output=True, text=True,
+            result = subprocess.run([*self.command, *targets], cwd=workdir, capture_output=True, text=True,
                                     timeout=self.timeout_s)
         except (OSError, subprocess.TimeoutExpired) as exc:
-            raise FetchError(f"download failed: {exc}") from exc
-        debs = sorted(workdir.glob("*.deb"))
-        if result.returncode != 0 or not debs:
-            message = " ".join(line for line in result.stderr.splitlines() if not line.startswith("W:"))
-            raise FetchError(f"download failed (exit {result.returncode}): {message.strip()[:300]}")
-        return debs[0]
+            return f"download failed: {exc}"
+        if result.returncode == 0:
+            return ""
+        message = " ".join(line for line in result.stderr.splitlines() if not line.startswith("W:"))
+        return f"download failed (exit {result.returncode}): {message.strip()[:300]}"
+
+    def __call__(self, packages: list[PackageInfo], workdir: Path) -> tuple[dict[str, Path], dict[str, str]]:
+        problem = self._run(packages, workdir)
+        got = _debs_by_package(workdir)
+        missing = [p for p in packages if p.name not in got]
+        errors: dict[str, str] = {}
+        if missing and len(packages) > 1:
+            for package in missing:
+                problem = self._run([package], workdir)
+                got = _debs_by_package(workdir)
+                if package.name not in got:
+                    errors[package.name] = problem or "download produced no .deb"
+        elif missing:
+            errors[missing[0].name] = problem or "download produced no .deb"
+        wanted = {p.name for p in packages}
+        return {name: path for name, path in got.items() if name in wanted}, errors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -314,15 +339,19 @@ class DirectoryFetcher:
 
     directory: Path
 
-    def __call__(self, package: PackageInfo, workdir: Path) -> Path:
-        candidates = sorted(self.directory.glob(f"{package.name}_*.deb"))
-        exact = [p for p in candidates if p.name.split("_")[1] == package.version.replace(":", "%3a")]
-        chosen = (exact or candidates)[:1]
-        if not chosen:
-            raise FetchError(f"no {package.name}_*.deb in {self.directory}")
-        target = workdir / chosen[0].name
-        shutil.copyfile(chosen[0], target)
-        return target
+    def __call__(self, packages: list[PackageInfo], workdir: Path) -> tuple[dict[str, Path], dict[str, str]]:
+        got: dict[str, Path] = {}
+        errors: dict[str, str] = {}
+        for package in packages:
+            candidates = sorted(self.directory.glob(f"{package.name}_*.deb"))
+            exact = [p for p in candidates if p.name.split("_")[1] == package.version.replace(":", "%3a")]
+            chosen = (exact or candidates)[:1]
+            if not chosen:
+                errors[package.name] = f"no {package.name}_*.deb in {self.directory}"
+                continue
+            got[package.name] = workdir / chosen[0].name
+            shutil.copyfile(chosen[0], got[package.name])
+        return got, errors
 
 
 def local_package_info(directory: Path) -> dict[str, PackageInfo]:
@@ -473,6 +502,8 @@ class HarvestOptions:
     reserved: ReservedList = ReservedList()
     max_deb_mb: float = DEFAULT_MAX_DEB_MB
     jobs: int = 4
+    batch_packages: int = 24  # packages per apt-get call
+    batch_mb: float = 80.0
     refresh_index: bool = False
     contents: list[Path] | None = None  # local Contents-*.gz files instead of the mirror's
     progress: bool = True
@@ -495,23 +526,41 @@ def read_state(cache: Path, package: str) -> PackageResult | None:
         return None
 
 
-def harvest_package(info: PackageInfo, want: PackageWant | None, options: HarvestOptions,
-                    wanted: TranslationFiles, fetch: Fetcher) -> PackageResult:
-    """Download, extract, count, mark done. The package directory is built beside its final
-    place and renamed in, so a crash leaves either nothing or a complete, marked package."""
-    final = package_dir(options.cache, info.name)
+def harvest_batch(batch: list[PackageInfo], selection: dict[str, PackageWant], options: HarvestOptions,
+                  wanted: TranslationFiles, fetch: Fetcher) -> list[PackageResult | Skipped]:
+    """Download a batch of packages together, then extract each; one result per package."""
     scratch_root = options.cache / "tmp"
     scratch_root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f"{info.name}.", dir=scratch_root) as scratch:
-        workdir = Path(scratch) / "download"
-        workdir.mkdir()
+    results: list[PackageResult | Skipped] = []
+    with tempfile.TemporaryDirectory(prefix="batch.", dir=scratch_root) as scratch:
+        workdir = Path(scratch)
+        try:
+            debs, errors = fetch(batch, workdir)
+        except Exception as exc:  # a fetcher that raises fails its batch, not the harvest
+            debs, errors = {}, {info.name: f"download failed: {exc}" for info in batch}
+        for info in batch:
+            if info.name not in debs:
+                results.append(Skipped(info.name, errors.get(info.name, "download produced no .deb"), info.version,
+                                       round(info.size_mb, 1)))
+                continue
+            try:
+                results.append(harvest_package(info, debs[info.name], selection.get(info.name), options, wanted))
+            except Exception as exc:  # a corrupt package must never stop the others
+                results.append(Skipped(info.name, str(exc), info.version, round(info.size_mb, 1)))
+            finally:
+                debs[info.name].unlink(missing_ok=True)  # never keep the .deb: only its translations
+    return results
+
+
+def harvest_package(info: PackageInfo, deb: Path, want: PackageWant | None, options: HarvestOptions,
+                    wanted: TranslationFiles) -> PackageResult:
+    """Extract, count, mark done. The package directory is built beside its final place and
+    renamed in, so a crash leaves either nothing or a complete, marked package."""
+    final = package_dir(options.cache, info.name)
+    with tempfile.TemporaryDirectory(prefix=f"{info.name}.", dir=options.cache / "tmp") as scratch:
         staging = Path(scratch) / "tree"
         staging.mkdir()
-        deb = fetch(info, workdir)
-        try:
-            extracted = extract_translations(deb, staging, wanted, want.help_docs if want else None)
-        finally:
-            deb.unlink(missing_ok=True)  # never keep the .deb: only its translations
+        extracted = extract_translations(deb, staging, wanted, want.help_docs if want else None)
         result = PackageResult(info.name, info.version, round(info.size_mb, 3),
                                reserved_catalogs_skipped=sorted(extracted.reserved_files),
                                links_skipped=extracted.links_skipped)
@@ -533,7 +582,8 @@ def harvest_package(info: PackageInfo, want: PackageWant | None, options: Harves
 def build_listing(options: HarvestOptions, wanted: TranslationFiles, report: HarvestReport) -> list[tuple[str, str]]:
     if options.contents is not None:
         report.index = [str(p) for p in options.contents]
-        return list(scan_contents(options.contents, wanted))
+        report.index_problems.extend(f"index not found: {p}" for p in options.contents if not Path(p).is_file())
+        return list(scan_contents([p for p in options.contents if Path(p).is_file()], wanted))
     if shutil.which("apt-file"):
         try:
             listing = list(scan_apt_file(wanted))
@@ -562,6 +612,18 @@ def harvest(options: HarvestOptions, fetch: Fetcher | None = None,
     fetch = fetch or AptGetFetcher()
     package_info = package_info or apt_package_info
     options.cache.mkdir(parents=True, exist_ok=True)
+    # One harvest per cache at a time; the lock also makes leftovers in tmp/ safe to delete.
+    with open(options.cache / ".lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            raise HarvestError(f"another harvest is running on {options.cache}") from exc
+        shutil.rmtree(options.cache / "tmp", ignore_errors=True)  # an interrupted run's scratch
+        return _harvest_locked(options, fetch, package_info)
+
+
+def _harvest_locked(options: HarvestOptions, fetch: Fetcher,
+                    package_info: Callable[[list[str]], dict[str, PackageInfo]]) -> HarvestReport:
     wanted = TranslationFiles(options.langs, options.reserved)
     report = HarvestReport(src=options.src, langs=list(options.langs), cache=str(options.cache), index=[],
                            index_problems=[], reserved=options.reserved.summary(), max_deb_mb=options.max_deb_mb)
@@ -599,18 +661,18 @@ def harvest(options: HarvestOptions, fetch: Fetcher | None = None,
     # Largest first: the long downloads start early and the tail of the progress bar is short.
     todo.sort(key=lambda i: -i.size)
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, options.jobs)) as pool:
-        futures = {pool.submit(harvest_package, info, selection.get(info.name), options, wanted, fetch): info
-                   for info in todo}
-        bar = tqdm(total=len(futures), unit="pkg", desc="harvest", disable=not options.progress)
+        futures = [pool.submit(harvest_batch, batch, selection, options, wanted, fetch)
+                   for batch in make_batches(todo, options.batch_packages, options.batch_mb)]
+        bar = tqdm(total=len(todo), unit="pkg", desc="harvest", disable=not options.progress)
         for future in concurrent.futures.as_completed(futures):
-            info = futures[future]
-            try:
-                report.harvested.append(future.result())
-                report.downloaded_mb += info.size_mb
-            except Exception as exc:  # a bad package must never stop the others
-                log.warning("skipping %s %s: %s", info.name, info.version, exc)
-                report.failed.append(Skipped(info.name, str(exc), info.version, round(info.size_mb, 1)))
-            bar.update()
+            for result in future.result():
+                if isinstance(result, Skipped):
+                    log.warning("skipping %s %s: %s", result.package, result.version, result.reason)
+                    report.failed.append(result)
+                else:
+                    report.harvested.append(result)
+                    report.downloaded_mb += result.size_mb
+                bar.update()
         bar.close()
 
     report.harvested.sort(key=lambda r: r.package)
@@ -629,6 +691,18 @@ def harvest(options: HarvestOptions, fetch: Fetcher | None = None,
     write_report(options.cache / REPORT_FILE, report)
     log.info("harvest: %s", json.dumps(report.summary()))
     return report
+
+
+def make_batches(todo: list[PackageInfo], max_packages: int, max_mb: float) -> Iterator[list[PackageInfo]]:
+    """Consecutive groups of at most max_packages packages and about max_mb megabytes."""
+    batch: list[PackageInfo] = []
+    for info in todo:
+        if batch and (len(batch) >= max_packages or sum(i.size_mb for i in batch) + info.size_mb > max_mb):
+            yield batch
+            batch = []
+        batch.append(info)
+    if batch:
+        yield batch
 
 
 def write_report(path: Path, report: HarvestReport) -> None:
