@@ -16,7 +16,17 @@ State = dict[str, torch.Tensor]
 
 
 class EncoderDecoder(nn.Module):
+    """Every model has `config`, one `embedding` shared by source, target and output projection
+    (vocab_size x d_model, PAD row zero) and a `dropout`; subclasses build the rest, then call
+    init_shared_embedding()."""
+
     config: ModelConfig
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embedding = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=PAD_ID)
+        self.dropout = nn.Dropout(cfg.dropout)
 
     def encode(self, src: torch.Tensor) -> State:
         """src (B, S) token ids, PAD-padded -> the initial decoder state."""
@@ -38,6 +48,16 @@ class EncoderDecoder(nn.Module):
     @staticmethod
     def source_mask(src: torch.Tensor) -> torch.Tensor:
         return src != PAD_ID  # (B, S) True on real tokens
+
+    def init_shared_embedding(self) -> None:
+        """Initialise `self.embedding`, the joint source/target embedding that doubles as the
+        output projection: a small N(0, 1/d) keeps the first logits near uniform (N(0, 1) would
+        start the loss at twice log(V)), and the PAD row is zero. Called at the end of a model's
+        __init__, after every layer has drawn its own initial weights."""
+        embedding: nn.Embedding = self.embedding
+        nn.init.normal_(embedding.weight, std=self.config.d_model**-0.5)
+        with torch.no_grad():
+            embedding.weight[PAD_ID].zero_()
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -127,17 +127,10 @@ class LuongDecoder(_RNNDecoderBase):
 
 class RNNSeq2Seq(EncoderDecoder):
     def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.config = cfg
-        self.embedding = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=0)
+        super().__init__(cfg)
         self.encoder = RNNEncoder(cfg)
         self.decoder = LuongDecoder(cfg) if cfg.decoder == "luong" else BahdanauDecoder(cfg)
-        self.dropout = nn.Dropout(cfg.dropout)
-        # The embedding doubles as the output projection: a small init keeps the first logits
-        # near uniform (N(0, 1) would start the loss at twice log(V)).
-        nn.init.normal_(self.embedding.weight, std=cfg.d_model**-0.5)
-        with torch.no_grad():
-            self.embedding.weight[0].zero_()
+        self.init_shared_embedding()  # the embedding doubles as the output projection
 
     def encode(self, src: torch.Tensor) -> State:
         mask = self.source_mask(src)  # (B, S)

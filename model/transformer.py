@@ -85,19 +85,14 @@ class DecoderLayer(nn.Module):
 
 class Transformer(EncoderDecoder):
     def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.config = cfg
-        self.embedding = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=0)
+        super().__init__(cfg)
         self.positions = PositionalEncoding(cfg.d_model, cfg.max_len)
         self.encoder_layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.enc_layers))
         self.encoder_norm = nn.LayerNorm(cfg.d_model)
         self.decoder_layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.dec_layers))
         self.decoder_norm = nn.LayerNorm(cfg.d_model)
-        self.dropout = nn.Dropout(cfg.dropout)
         self.scale = math.sqrt(cfg.d_model)
-        nn.init.normal_(self.embedding.weight, std=cfg.d_model**-0.5)
-        with torch.no_grad():
-            self.embedding.weight[0].zero_()
+        self.init_shared_embedding()
 
     def embed(self, tokens: torch.Tensor, start: int | torch.Tensor = 0) -> torch.Tensor:
         return self.dropout(self.positions(self.embedding(tokens) * self.scale, start))  # (B, T, C)
