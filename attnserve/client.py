@@ -63,6 +63,32 @@ class TranslatorClient:
         """The best translation of each sentence."""
         return [t.hypotheses[0].text for t in self.translate(sentences, model, **kwargs).translations]
 
+    def translate_items(self, items: Sequence, model: str = "", version: str = "", *, glossary=None, beam_size: int = 0,
+                        length_penalty: float | None = None, low_confidence: float | None = None) -> list:
+        """attnserve.server.text TextItems through the server's text pipeline, one request per
+        text format; TextResults in order (what the offline pipeline returns)."""
+        from attnserve.server.text import SegmentResult, TextFormat, TextResult
+
+        formats = {TextFormat.SENTENCE: pb.SENTENCE, TextFormat.DOCUMENT: pb.DOCUMENT, TextFormat.HTML: pb.HTML,
+                   TextFormat.XML: pb.XML}
+        entries = [pb.GlossaryEntry(source=e.source, target=e.target) for e in glossary.entries.values()] if glossary else []
+        results: list = [None] * len(items)
+        for text_format in dict.fromkeys(item.format for item in items):
+            indexes = [i for i, item in enumerate(items) if item.format == text_format]
+            options = pb.TranslationOptions(beam_size=beam_size, text_format=formats[text_format], glossary=entries)
+            if length_penalty is not None:
+                options.length_penalty = length_penalty
+            if low_confidence is not None:
+                options.low_confidence = low_confidence
+            response = self.stub.Translate(pb.TranslateRequest(model=model, version=version, options=options,
+                                                               sentences=[items[i].text for i in indexes]),
+                                           timeout=self.timeout, metadata=self.metadata)
+            for i, translation in zip(indexes, response.translations):
+                segments = [SegmentResult(s.source, s.translation, s.confidence, list(s.flags)) for s in translation.segments]
+                results[i] = TextResult(translation.hypotheses[0].text, translation.confidence, list(translation.flags),
+                                        list(translation.placeholders), segments)
+        return results
+
     def translate_stream(self, items: Iterable[tuple[str, str]], model: str = "", version: str = "", *,
                          beam_size: int = 0, timeout: float | None = None) -> Iterator[pb.TranslateStreamResponse]:
         """items: (id, sentence) pairs, consumed lazily; results come back as they are ready."""

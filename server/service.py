@@ -13,6 +13,7 @@ message saying what was wrong; nothing a client sends can stop the server.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hmac
 import logging
 import queue
@@ -34,6 +35,8 @@ from attnserve.server.engine import Hypothesis, TranslationOptions
 from attnserve.server.metrics import Metrics
 from attnserve.server.repository import EngineConfig, ModelNotFound, ModelRepository, ModelVersion
 from attnserve.server.scheduler import BatchingConfig, Job, SchedulerError
+from attnserve.server.text import (Glossary, GlossaryEntry, GlossaryError, PipelineConfig, TextError, TextFormat, TextItem,
+                                   TextPipeline)
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,8 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Translator"].full_name  # attnser
 HEALTH_METHOD_PREFIX = f"/{health.SERVICE_NAME}/"
 STATES = {"LOADING": pb.ModelInfo.LOADING, "READY": pb.ModelInfo.READY, "FAILED": pb.ModelInfo.FAILED,
           "UNLOADED": pb.ModelInfo.UNLOADED}
+TEXT_FORMATS = {pb.SENTENCE: TextFormat.SENTENCE, pb.DOCUMENT: TextFormat.DOCUMENT, pb.HTML: TextFormat.HTML,
+                pb.XML: TextFormat.XML}
 SCHEDULER_CODES = {
     SchedulerError.QUEUE_FULL: grpc.StatusCode.RESOURCE_EXHAUSTED,
     SchedulerError.CLOSED: grpc.StatusCode.UNAVAILABLE,
@@ -70,6 +75,8 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
     def __init__(self, config: ServerConfig, repository: ModelRepository, metrics: Metrics):
         self.config, self.repository, self.metrics = config, repository, metrics
         self.draining = threading.Event()
+        self._pipelines: dict[int, tuple[ModelVersion, TextPipeline]] = {}  # per model version
+        self._pipelines_lock = threading.Lock()
 
     # -- RPCs ------------------------------------------------------------------------------------
 
@@ -82,6 +89,8 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
                                    f"{len(request.sentences)} sentences in one request; the limit is "
                                    f"max_sentences_per_request={self.config.max_sentences_per_request}")
             opts = self._options(request.options, model)
+            if request.options.text_format:  # the text pipeline: documents, markup, placeholders
+                return self._translate_text(request, model, opts, context)
             sources = [self._encode(model, text, f"sentence {i}") for i, text in enumerate(request.sentences)]
             response = pb.TranslateResponse(model=model.name, version=model.version)
             if not sources:
@@ -96,6 +105,58 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
             for source, hypotheses in zip(sources, job.results):
                 response.translations.append(self._translation(model, source, hypotheses, opts))
             return response
+
+    def _translate_text(self, request: pb.TranslateRequest, model: ModelVersion, opts: TranslationOptions,
+                        context: grpc.ServicerContext) -> pb.TranslateResponse:
+        """Translate through attnserve.server.text: prepare (INVALID_ARGUMENT naming the item),
+        one scheduler job for every sentence of every item, finish."""
+        if request.options.text_format not in TEXT_FORMATS:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"options: unknown text_format {request.options.text_format}")
+        pipeline = self._pipeline(model, request.options)
+        try:
+            glossary = Glossary([GlossaryEntry.checked(e.source, e.target, f"glossary entry {i}")
+                                 for i, e in enumerate(request.options.glossary)]) if request.options.glossary else None
+            items = [TextItem(text, TEXT_FORMATS[request.options.text_format], glossary) for text in request.sentences]
+            plan = pipeline.prepare(items)
+        except TextError as exc:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"sentence {exc.item}: {exc.reason}") from None
+        except GlossaryError as exc:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"options: {exc}") from None
+        opts.return_alignment, opts.nbest = True, 1  # the pipeline projects through the alignment
+        sources = [self._encode(model, text, f"a sentence of item {i}") for i, text in enumerate(plan.sources)]
+        hypotheses = []
+        if sources:
+            job = Job(sources, opts, self._deadline(context))
+            self._submit(model, job)
+            context.add_callback(lambda: job.scheduler.cancel(job))
+            if not job.wait(timeout_until(job.deadline)):
+                job.scheduler.cancel(job, SchedulerError.EXPIRED)
+            if job.error is not None:
+                raise RequestError(SCHEDULER_CODES[job.error.reason], str(job.error))
+            hypotheses = [hyps[0] for hyps in job.results]
+        response = pb.TranslateResponse(model=model.name, version=model.version)
+        for result in pipeline.finish(plan, hypotheses):
+            translation = response.translations.add(confidence=result.confidence, flags=result.flags,
+                                                    placeholders=result.placeholders)
+            translation.hypotheses.add(text=result.text, score=result.confidence)
+            for segment in result.segments:
+                translation.segments.add(source=segment.source, translation=segment.translation,
+                                         confidence=segment.confidence, flags=segment.flags)
+        return response
+
+    def _pipeline(self, model: ModelVersion, options: pb.TranslationOptions) -> TextPipeline:
+        """The model version's text pipeline (built once: it holds the bundle's glossary), with
+        this request's confidence threshold."""
+        with self._pipelines_lock:
+            pipeline = self._pipelines.get(id(model))
+            if pipeline is None or pipeline[0] is not model:
+                config = PipelineConfig(max_source_tokens=min(self.config.max_tokens_per_sentence, model.engine.max_len - 1))
+                self._pipelines[id(model)] = pipeline = (model, TextPipeline.for_engine(model.engine, config))
+        low = options.low_confidence if options.HasField("low_confidence") else None
+        if low is None:
+            return pipeline[1]
+        return TextPipeline(pipeline[1].tokenizer, dataclasses.replace(pipeline[1].config, low_confidence=low),
+                            pipeline[1].glossary)
 
     def TranslateStream(self, request_iterator: Iterator[pb.TranslateStreamRequest],
                         context: grpc.ServicerContext) -> Iterator[pb.TranslateStreamResponse]:

@@ -24,41 +24,47 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x61ttnserve/v1/translator.proto\x12\x0c\x61ttnserve.v1\"\x94\x01\n\x12TranslationOptions\x12\x11\n\tbeam_size\x18\x01 \x01(\r\x12\r\n\x05nbest\x18\x02 \x01(\r\x12\x1b\n\x0elength_penalty\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\nmax_length\x18\x04 \x01(\r\x12\x18\n\x10return_alignment\x18\x05 \x01(\x08\x42\x11\n\x0f_length_penalty\"x\n\x10TranslateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x11\n\tsentences\x18\x03 \x03(\t\x12\x31\n\x07options\x18\x04 \x01(\x0b\x32 .attnserve.v1.TranslationOptions\"\x1f\n\x0c\x41lignmentRow\x12\x0f\n\x07weights\x18\x01 \x03(\x02\"o\n\nHypothesis\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x15\n\rtarget_tokens\x18\x03 \x03(\t\x12-\n\talignment\x18\x04 \x03(\x0b\x32\x1a.attnserve.v1.AlignmentRow\"R\n\x0bTranslation\x12,\n\nhypotheses\x18\x01 \x03(\x0b\x32\x18.attnserve.v1.Hypothesis\x12\x15\n\rsource_tokens\x18\x02 \x03(\t\"d\n\x11TranslateResponse\x12/\n\x0ctranslations\x18\x01 \x03(\x0b\x32\x19.attnserve.v1.Translation\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\"\x89\x01\n\x16TranslateStreamRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08sentence\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x31\n\x07options\x18\x05 \x01(\x0b\x32 .attnserve.v1.TranslationOptions\"\'\n\x06Status\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xa8\x01\n\x17TranslateStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x30\n\x0btranslation\x18\x02 \x01(\x0b\x32\x19.attnserve.v1.TranslationH\x00\x12%\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x14.attnserve.v1.StatusH\x00\x12\r\n\x05model\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\tB\x08\n\x06result\"\x13\n\x11ListModelsRequest\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.attnserve.v1.ModelInfo\"0\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"\x85\x03\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x17\n\x0fsource_language\x18\x03 \x01(\t\x12\x17\n\x0ftarget_language\x18\x04 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x05 \x01(\t\x12\x11\n\tattention\x18\x06 \x01(\t\x12\x11\n\tprecision\x18\x07 \x01(\t\x12\x1a\n\x12\x65xecution_provider\x18\x08 \x01(\t\x12,\n\x05state\x18\t \x01(\x0e\x32\x1d.attnserve.v1.ModelInfo.State\x12\x14\n\x0cstate_reason\x18\n \x01(\t\x12\x12\n\nparameters\x18\x0b \x01(\x04\x12\x11\n\ttest_bleu\x18\x0c \x01(\x02\x12\x12\n\nis_default\x18\r \x01(\x08\"P\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07LOADING\x10\x01\x12\t\n\x05READY\x10\x02\x12\n\n\x06\x46\x41ILED\x10\x03\x12\x0c\n\x08UNLOADED\x10\x04\x32\xd3\x02\n\nTranslator\x12L\n\tTranslate\x12\x1e.attnserve.v1.TranslateRequest\x1a\x1f.attnserve.v1.TranslateResponse\x12\x62\n\x0fTranslateStream\x12$.attnserve.v1.TranslateStreamRequest\x1a%.attnserve.v1.TranslateStreamResponse(\x01\x30\x01\x12O\n\nListModels\x12\x1f.attnserve.v1.ListModelsRequest\x1a .attnserve.v1.ListModelsResponse\x12\x42\n\x08GetModel\x12\x1d.attnserve.v1.GetModelRequest\x1a\x17.attnserve.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x61ttnserve/v1/translator.proto\x12\x0c\x61ttnserve.v1\"\xa2\x02\n\x12TranslationOptions\x12\x11\n\tbeam_size\x18\x01 \x01(\r\x12\r\n\x05nbest\x18\x02 \x01(\r\x12\x1b\n\x0elength_penalty\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\nmax_length\x18\x04 \x01(\r\x12\x18\n\x10return_alignment\x18\x05 \x01(\x08\x12-\n\x0btext_format\x18\x06 \x01(\x0e\x32\x18.attnserve.v1.TextFormat\x12-\n\x08glossary\x18\x07 \x03(\x0b\x32\x1b.attnserve.v1.GlossaryEntry\x12\x1b\n\x0elow_confidence\x18\x08 \x01(\x02H\x01\x88\x01\x01\x42\x11\n\x0f_length_penaltyB\x11\n\x0f_low_confidence\"/\n\rGlossaryEntry\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\"Q\n\x07Segment\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x13\n\x0btranslation\x18\x02 \x01(\t\x12\x12\n\nconfidence\x18\x03 \x01(\x02\x12\r\n\x05\x66lags\x18\x04 \x03(\t\"x\n\x10TranslateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x11\n\tsentences\x18\x03 \x03(\t\x12\x31\n\x07options\x18\x04 \x01(\x0b\x32 .attnserve.v1.TranslationOptions\"\x1f\n\x0c\x41lignmentRow\x12\x0f\n\x07weights\x18\x01 \x03(\x02\"o\n\nHypothesis\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x15\n\rtarget_tokens\x18\x03 \x03(\t\x12-\n\talignment\x18\x04 \x03(\x0b\x32\x1a.attnserve.v1.AlignmentRow\"\xb4\x01\n\x0bTranslation\x12,\n\nhypotheses\x18\x01 \x03(\x0b\x32\x18.attnserve.v1.Hypothesis\x12\x15\n\rsource_tokens\x18\x02 \x03(\t\x12\x12\n\nconfidence\x18\x03 \x01(\x02\x12\r\n\x05\x66lags\x18\x04 \x03(\t\x12\x14\n\x0cplaceholders\x18\x05 \x03(\t\x12\'\n\x08segments\x18\x06 \x03(\x0b\x32\x15.attnserve.v1.Segment\"d\n\x11TranslateResponse\x12/\n\x0ctranslations\x18\x01 \x03(\x0b\x32\x19.attnserve.v1.Translation\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\"\x89\x01\n\x16TranslateStreamRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08sentence\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x31\n\x07options\x18\x05 \x01(\x0b\x32 .attnserve.v1.TranslationOptions\"\'\n\x06Status\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xa8\x01\n\x17TranslateStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x30\n\x0btranslation\x18\x02 \x01(\x0b\x32\x19.attnserve.v1.TranslationH\x00\x12%\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x14.attnserve.v1.StatusH\x00\x12\r\n\x05model\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\tB\x08\n\x06result\"\x13\n\x11ListModelsRequest\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.attnserve.v1.ModelInfo\"0\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"\x85\x03\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x17\n\x0fsource_language\x18\x03 \x01(\t\x12\x17\n\x0ftarget_language\x18\x04 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x05 \x01(\t\x12\x11\n\tattention\x18\x06 \x01(\t\x12\x11\n\tprecision\x18\x07 \x01(\t\x12\x1a\n\x12\x65xecution_provider\x18\x08 \x01(\t\x12,\n\x05state\x18\t \x01(\x0e\x32\x1d.attnserve.v1.ModelInfo.State\x12\x14\n\x0cstate_reason\x18\n \x01(\t\x12\x12\n\nparameters\x18\x0b \x01(\x04\x12\x11\n\ttest_bleu\x18\x0c \x01(\x02\x12\x12\n\nis_default\x18\r \x01(\x08\"P\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07LOADING\x10\x01\x12\t\n\x05READY\x10\x02\x12\n\n\x06\x46\x41ILED\x10\x03\x12\x0c\n\x08UNLOADED\x10\x04*X\n\nTextFormat\x12\x1b\n\x17TEXT_FORMAT_UNSPECIFIED\x10\x00\x12\x0c\n\x08SENTENCE\x10\x01\x12\x0c\n\x08\x44OCUMENT\x10\x02\x12\x08\n\x04HTML\x10\x03\x12\x07\n\x03XML\x10\x04\x32\xd3\x02\n\nTranslator\x12L\n\tTranslate\x12\x1e.attnserve.v1.TranslateRequest\x1a\x1f.attnserve.v1.TranslateResponse\x12\x62\n\x0fTranslateStream\x12$.attnserve.v1.TranslateStreamRequest\x1a%.attnserve.v1.TranslateStreamResponse(\x01\x30\x01\x12O\n\nListModels\x12\x1f.attnserve.v1.ListModelsRequest\x1a .attnserve.v1.ListModelsResponse\x12\x42\n\x08GetModel\x12\x1d.attnserve.v1.GetModelRequest\x1a\x17.attnserve.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'attnserve.v1.translator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_TEXTFORMAT']._serialized_start=1903
+  _globals['_TEXTFORMAT']._serialized_end=1991
   _globals['_TRANSLATIONOPTIONS']._serialized_start=48
-  _globals['_TRANSLATIONOPTIONS']._serialized_end=196
-  _globals['_TRANSLATEREQUEST']._serialized_start=198
-  _globals['_TRANSLATEREQUEST']._serialized_end=318
-  _globals['_ALIGNMENTROW']._serialized_start=320
-  _globals['_ALIGNMENTROW']._serialized_end=351
-  _globals['_HYPOTHESIS']._serialized_start=353
-  _globals['_HYPOTHESIS']._serialized_end=464
-  _globals['_TRANSLATION']._serialized_start=466
-  _globals['_TRANSLATION']._serialized_end=548
-  _globals['_TRANSLATERESPONSE']._serialized_start=550
-  _globals['_TRANSLATERESPONSE']._serialized_end=650
-  _globals['_TRANSLATESTREAMREQUEST']._serialized_start=653
-  _globals['_TRANSLATESTREAMREQUEST']._serialized_end=790
-  _globals['_STATUS']._serialized_start=792
-  _globals['_STATUS']._serialized_end=831
-  _globals['_TRANSLATESTREAMRESPONSE']._serialized_start=834
-  _globals['_TRANSLATESTREAMRESPONSE']._serialized_end=1002
-  _globals['_LISTMODELSREQUEST']._serialized_start=1004
-  _globals['_LISTMODELSREQUEST']._serialized_end=1023
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1025
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1086
-  _globals['_GETMODELREQUEST']._serialized_start=1088
-  _globals['_GETMODELREQUEST']._serialized_end=1136
-  _globals['_MODELINFO']._serialized_start=1139
-  _globals['_MODELINFO']._serialized_end=1528
-  _globals['_MODELINFO_STATE']._serialized_start=1448
-  _globals['_MODELINFO_STATE']._serialized_end=1528
-  _globals['_TRANSLATOR']._serialized_start=1531
-  _globals['_TRANSLATOR']._serialized_end=1870
+  _globals['_TRANSLATIONOPTIONS']._serialized_end=338
+  _globals['_GLOSSARYENTRY']._serialized_start=340
+  _globals['_GLOSSARYENTRY']._serialized_end=387
+  _globals['_SEGMENT']._serialized_start=389
+  _globals['_SEGMENT']._serialized_end=470
+  _globals['_TRANSLATEREQUEST']._serialized_start=472
+  _globals['_TRANSLATEREQUEST']._serialized_end=592
+  _globals['_ALIGNMENTROW']._serialized_start=594
+  _globals['_ALIGNMENTROW']._serialized_end=625
+  _globals['_HYPOTHESIS']._serialized_start=627
+  _globals['_HYPOTHESIS']._serialized_end=738
+  _globals['_TRANSLATION']._serialized_start=741
+  _globals['_TRANSLATION']._serialized_end=921
+  _globals['_TRANSLATERESPONSE']._serialized_start=923
+  _globals['_TRANSLATERESPONSE']._serialized_end=1023
+  _globals['_TRANSLATESTREAMREQUEST']._serialized_start=1026
+  _globals['_TRANSLATESTREAMREQUEST']._serialized_end=1163
+  _globals['_STATUS']._serialized_start=1165
+  _globals['_STATUS']._serialized_end=1204
+  _globals['_TRANSLATESTREAMRESPONSE']._serialized_start=1207
+  _globals['_TRANSLATESTREAMRESPONSE']._serialized_end=1375
+  _globals['_LISTMODELSREQUEST']._serialized_start=1377
+  _globals['_LISTMODELSREQUEST']._serialized_end=1396
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1398
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1459
+  _globals['_GETMODELREQUEST']._serialized_start=1461
+  _globals['_GETMODELREQUEST']._serialized_end=1509
+  _globals['_MODELINFO']._serialized_start=1512
+  _globals['_MODELINFO']._serialized_end=1901
+  _globals['_MODELINFO_STATE']._serialized_start=1821
+  _globals['_MODELINFO_STATE']._serialized_end=1901
+  _globals['_TRANSLATOR']._serialized_start=1994
+  _globals['_TRANSLATOR']._serialized_end=2333
 # @@protoc_insertion_point(module_scope)

@@ -7,19 +7,58 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class TextFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TEXT_FORMAT_UNSPECIFIED: _ClassVar[TextFormat]
+    SENTENCE: _ClassVar[TextFormat]
+    DOCUMENT: _ClassVar[TextFormat]
+    HTML: _ClassVar[TextFormat]
+    XML: _ClassVar[TextFormat]
+TEXT_FORMAT_UNSPECIFIED: TextFormat
+SENTENCE: TextFormat
+DOCUMENT: TextFormat
+HTML: TextFormat
+XML: TextFormat
+
 class TranslationOptions(_message.Message):
-    __slots__ = ("beam_size", "nbest", "length_penalty", "max_length", "return_alignment")
+    __slots__ = ("beam_size", "nbest", "length_penalty", "max_length", "return_alignment", "text_format", "glossary", "low_confidence")
     BEAM_SIZE_FIELD_NUMBER: _ClassVar[int]
     NBEST_FIELD_NUMBER: _ClassVar[int]
     LENGTH_PENALTY_FIELD_NUMBER: _ClassVar[int]
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
     RETURN_ALIGNMENT_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    GLOSSARY_FIELD_NUMBER: _ClassVar[int]
+    LOW_CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
     beam_size: int
     nbest: int
     length_penalty: float
     max_length: int
     return_alignment: bool
-    def __init__(self, beam_size: _Optional[int] = ..., nbest: _Optional[int] = ..., length_penalty: _Optional[float] = ..., max_length: _Optional[int] = ..., return_alignment: _Optional[bool] = ...) -> None: ...
+    text_format: TextFormat
+    glossary: _containers.RepeatedCompositeFieldContainer[GlossaryEntry]
+    low_confidence: float
+    def __init__(self, beam_size: _Optional[int] = ..., nbest: _Optional[int] = ..., length_penalty: _Optional[float] = ..., max_length: _Optional[int] = ..., return_alignment: _Optional[bool] = ..., text_format: _Optional[_Union[TextFormat, str]] = ..., glossary: _Optional[_Iterable[_Union[GlossaryEntry, _Mapping]]] = ..., low_confidence: _Optional[float] = ...) -> None: ...
+
+class GlossaryEntry(_message.Message):
+    __slots__ = ("source", "target")
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    source: str
+    target: str
+    def __init__(self, source: _Optional[str] = ..., target: _Optional[str] = ...) -> None: ...
+
+class Segment(_message.Message):
+    __slots__ = ("source", "translation", "confidence", "flags")
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    TRANSLATION_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    FLAGS_FIELD_NUMBER: _ClassVar[int]
+    source: str
+    translation: str
+    confidence: float
+    flags: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, source: _Optional[str] = ..., translation: _Optional[str] = ..., confidence: _Optional[float] = ..., flags: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TranslateRequest(_message.Message):
     __slots__ = ("model", "version", "sentences", "options")
@@ -52,12 +91,20 @@ class Hypothesis(_message.Message):
     def __init__(self, text: _Optional[str] = ..., score: _Optional[float] = ..., target_tokens: _Optional[_Iterable[str]] = ..., alignment: _Optional[_Iterable[_Union[AlignmentRow, _Mapping]]] = ...) -> None: ...
 
 class Translation(_message.Message):
-    __slots__ = ("hypotheses", "source_tokens")
+    __slots__ = ("hypotheses", "source_tokens", "confidence", "flags", "placeholders", "segments")
     HYPOTHESES_FIELD_NUMBER: _ClassVar[int]
     SOURCE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    FLAGS_FIELD_NUMBER: _ClassVar[int]
+    PLACEHOLDERS_FIELD_NUMBER: _ClassVar[int]
+    SEGMENTS_FIELD_NUMBER: _ClassVar[int]
     hypotheses: _containers.RepeatedCompositeFieldContainer[Hypothesis]
     source_tokens: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, hypotheses: _Optional[_Iterable[_Union[Hypothesis, _Mapping]]] = ..., source_tokens: _Optional[_Iterable[str]] = ...) -> None: ...
+    confidence: float
+    flags: _containers.RepeatedScalarFieldContainer[str]
+    placeholders: _containers.RepeatedScalarFieldContainer[str]
+    segments: _containers.RepeatedCompositeFieldContainer[Segment]
+    def __init__(self, hypotheses: _Optional[_Iterable[_Union[Hypothesis, _Mapping]]] = ..., source_tokens: _Optional[_Iterable[str]] = ..., confidence: _Optional[float] = ..., flags: _Optional[_Iterable[str]] = ..., placeholders: _Optional[_Iterable[str]] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ...) -> None: ...
 
 class TranslateResponse(_message.Message):
     __slots__ = ("translations", "model", "version")
