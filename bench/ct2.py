@@ -48,6 +48,7 @@ import numpy as np
 import torch
 from ctranslate2.specs import attention_spec, common_spec, transformer_spec
 
+from attnserve.decoding_rules import LengthLimit, length_normalised, max_target_length, source_ids
 from attnserve.model.checkpoint import load_model
 from attnserve.model.corpus import load_tsv
 from attnserve.model.decode import DecodeOptions, Hypothesis
@@ -203,6 +204,15 @@ def load_translator(
     )
 
 
+def _sources_and_limits(sources: list[list[int]], max_len: int, max_len_a: float,
+                        max_len_b: int) -> tuple[list[list[int]], list[int]]:
+    """The sources as our model reads them (cut, EOS appended) and each one's target length
+    limit, by the rules the reference and the engine apply (attnserve/decoding_rules.py)."""
+    ids = [source_ids(s, max_len) for s in sources]
+    limit = LengthLimit(max_len_a, max_len_b)
+    return ids, [max_target_length(len(s), max_len, limit) for s in ids]
+
+
 def translate(
     translator: ctranslate2.Translator,
     sources: list[list[int]],
@@ -223,8 +233,7 @@ def translate(
     length) / 6) ** length_penalty, length counting EOS, which is also the score returned.
     max_len is the model's (config.model.max_len): CT2 does not know it.
     """
-    ids = [s[: max_len - 1] + [EOS_ID] for s in sources]
-    limits = [min(int(max_len_a * len(s) + max_len_b), max_len - 1) for s in ids]
+    ids, limits = _sources_and_limits(sources, max_len, max_len_a, max_len_b)
     groups: dict[int, list[int]] = defaultdict(list)
     if beam_size == 1:
         groups[max(limits, default=0)] = list(range(len(ids)))
@@ -258,7 +267,7 @@ def translate(
             candidates = []
             for tokens, log_prob in zip(output.hypotheses, output.scores):
                 length = min(len(tokens) + 1, limits[i])  # with EOS, unless the limit cut it off
-                score = log_prob / ((5.0 + length) / 6.0) ** length_penalty if length_penalty else log_prob
+                score = length_normalised(log_prob, length, length_penalty)
                 candidates.append(Hypothesis(tokens=[index[p] for p in tokens], score=score))
             results[i] = max(candidates, key=lambda h: h.score)
     return [results[i] for i in range(len(sources))]
@@ -278,8 +287,8 @@ def translate_ids_native(
     """CTranslate2 in its own fastest mode, for timing: one call for the whole batch with the
     batch's largest length limit, one hypothesis, CT2's own length penalty, no Python callback.
     Outputs can differ from `translate` (length limits and penalty); BLEU shows by how much."""
-    ids = [s[: max_len - 1] + [EOS_ID] for s in sources]
-    limit = max((min(int(max_len_a * len(s) + max_len_b), max_len - 1) for s in ids), default=1)
+    ids, limits = _sources_and_limits(sources, max_len, max_len_a, max_len_b)
+    limit = max(limits, default=1)
     index = {piece: i for i, piece in enumerate(vocab)}
     outputs = translator.translate_batch(
         [[vocab[t] for t in s] for s in ids], max_batch_size=len(ids), beam_size=beam_size,

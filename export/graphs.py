@@ -16,6 +16,10 @@ from onnxscript import opset18 as op18
 from onnxscript import opset23 as op23
 from torch.export import Dim
 
+from attnserve.bundle_format import (
+    BATCH_AXIS, CANDIDATE_COUNT, CANDIDATES_AXIS, ENCODER_GRAPH, FORCED_LOG_PROBS, FORCED_TOKENS, LOG_PROBS, PAST_AXIS,
+    STEP_GRAPH, TOP_IDS, TOP_LOG_PROBS, ZERO_ROWS_AXIS,
+)
 from attnserve.export.specs import IR_VERSION, ArchitectureSpec, GraphSpec
 from attnserve.model.attention import attention_with_weights
 from attnserve.model.base import EncoderDecoder
@@ -59,17 +63,18 @@ class DecoderStepGraph(torch.nn.Module):
         super().__init__()
         self.model, self.static, self.dynamic = model, static, dynamic
 
-    def forward(self, prev: torch.Tensor, origin: torch.Tensor, fresh: torch.Tensor, *tensors: torch.Tensor):
-        # prev (B,); origin (B,): the row each row continues, of the previous step's dynamic
-        # state (P rows) followed by F all-zero rows, F = len(fresh) (values unused): a
-        # sentence joining a running Transformer batch starts from zeros (empty, masked cache;
-        # position 0), so the server never copies the batch's cache to add it.
+    def forward(self, previous_tokens: torch.Tensor, parent_rows: torch.Tensor, zero_rows: torch.Tensor,
+                *tensors: torch.Tensor):
+        # previous_tokens (B,); parent_rows (B,): the row each row continues, of the previous
+        # step's dynamic state (P rows) followed by F all-zero rows, F = len(zero_rows) (values
+        # unused): a sentence joining a running Transformer batch starts from zeros (empty,
+        # masked cache; position 0), so the server never copies the batch's cache to add it.
         state = dict(zip(self.static + self.dynamic, tensors))
         for name in self.dynamic:
             previous = state[name]  # (P, ...)
-            zeros = previous.new_zeros((fresh.size(0),) + tuple(previous.shape[1:]))  # (F, ...)
-            state[name] = torch.cat([previous, zeros]).index_select(0, origin)  # (B, ...)
-        logits, new_state, attention = self.model.decode_step(prev, state)
+            zeros = previous.new_zeros((zero_rows.size(0),) + tuple(previous.shape[1:]))  # (F, ...)
+            state[name] = torch.cat([previous, zeros]).index_select(0, parent_rows)  # (B, ...)
+        logits, new_state, attention = self.model.decode_step(previous_tokens, state)
         return (torch.log_softmax(logits.float(), dim=-1), attention, *(new_state[name] for name in self.dynamic))
 
 
@@ -83,20 +88,21 @@ def example_inputs(model: EncoderDecoder, arch: ArchitectureSpec) -> dict[str, t
     with torch.inference_mode():
         state = model.encode(src)
         _, state, _ = model.decode_step(torch.full((4,), 2), state)
-    origin = torch.tensor([3, 0, 5])  # 5: the second of two fresh (all-zero) rows
+    parent_rows = torch.tensor([3, 0, 5])  # 5: the second of two all-zero rows
     static = [state[t.name][torch.tensor([3, 0, 1])].clone() for t in arch.static]
     dynamic = [state[t.name].clone() for t in arch.dynamic]
-    fresh = torch.zeros(2, dtype=torch.long)
-    return {"encoder": (src,), "decoder_step": (torch.tensor([5, 6, 7]), origin, fresh, *static, *dynamic)}
+    zero_rows = torch.zeros(2, dtype=torch.long)
+    return {ENCODER_GRAPH: (src,), STEP_GRAPH: (torch.tensor([5, 6, 7]), parent_rows, zero_rows, *static, *dynamic)}
 
 
 def _dynamic_shapes(spec: GraphSpec) -> tuple:
     # Named dims, one per axis name: torch.export then fails loudly if tracing would specialise
     # an axis to the example's size (Dim.DYNAMIC would specialise silently).
-    dims = {axis: Dim(axis, min=1) if axis not in ("past", "fresh") else Dim(axis, min=0)
-            for t in spec.inputs for axis in t.axes if isinstance(axis, str)}
-    shapes = tuple({i: dims[axis] for i, axis in enumerate(t.axes) if isinstance(axis, str)} for t in spec.inputs)
-    return shapes if spec.name == "encoder" else (shapes[0], shapes[1], shapes[2], shapes[3:])  # prev, origin, fresh, *state
+    dims = {axis: Dim(axis, min=1) if axis not in (PAST_AXIS, ZERO_ROWS_AXIS) else Dim(axis, min=0)
+            for t in spec.inputs for axis in t.shape if isinstance(axis, str)}
+    shapes = tuple({i: dims[axis] for i, axis in enumerate(t.shape) if isinstance(axis, str)} for t in spec.inputs)
+    # DecoderStepGraph.forward(previous_tokens, parent_rows, zero_rows, *state)
+    return shapes if spec.name == ENCODER_GRAPH else (shapes[0], shapes[1], shapes[2], shapes[3:])
 
 
 def clean_graph(proto: onnx.ModelProto, spec: GraphSpec) -> onnx.ModelProto:
@@ -108,7 +114,7 @@ def clean_graph(proto: onnx.ModelProto, spec: GraphSpec) -> onnx.ModelProto:
         for value, tensor in zip(values, specs):
             dims = value.type.tensor_type.shape.dim
             del dims[:]
-            for axis in tensor.axes:
+            for axis in tensor.shape:
                 dim = dims.add()
                 if isinstance(axis, str):
                     dim.dim_param = axis
@@ -122,7 +128,7 @@ def export_graph(model: EncoderDecoder, arch: ArchitectureSpec, spec: GraphSpec,
                  fused: bool = True) -> onnx.ModelProto:
     """One graph at opset 23 with fused attention; fused=False exports the unfused opset-18
     equivalent, used only to count what fusion removed."""
-    if spec.name == "encoder":
+    if spec.name == ENCODER_GRAPH:
         module = EncoderGraph(model, [t.name for t in spec.outputs])
     else:
         module = DecoderStepGraph(model, [t.name for t in arch.static], [t.name for t in arch.dynamic])
@@ -140,32 +146,32 @@ def export_graph(model: EncoderDecoder, arch: ArchitectureSpec, spec: GraphSpec,
     want = [t.name for t in spec.inputs], [t.name for t in spec.outputs]
     if got != want:
         raise RuntimeError(f"{spec.name}: exported graph has inputs/outputs {got}, spec says {want}")
-    return add_search_outputs(proto) if spec.name == "decoder_step" and fused else proto
+    return add_search_outputs(proto) if spec.name == STEP_GRAPH and fused else proto
 
 
 def add_search_outputs(proto: onnx.ModelProto) -> onnx.ModelProto:
     """Append what a search needs from the step's log-probabilities, so that it never copies
     out a (batch, vocab) array:
-        inputs  `k` (1,) int64, `forced` (batch,) int64
-        outputs `top_log_probs`, `top_ids` (batch, k): the k best, best first (TopK);
-                `forced_log_probs` (batch,): the log-probability of each row's `forced` token,
-                for decoding a given target prefix."""
+        inputs  CANDIDATE_COUNT (1,) int64, FORCED_TOKENS (batch,) int64
+        outputs TOP_LOG_PROBS, TOP_IDS (batch, k): the k best, best first (TopK);
+                FORCED_LOG_PROBS (batch,): the log-probability of each row's forced token, for
+                decoding a given target prefix."""
     graph, INT64, FLOAT = proto.graph, onnx.TensorProto.INT64, onnx.TensorProto.FLOAT
-    graph.input.append(onnx.helper.make_tensor_value_info("k", INT64, [1]))
-    graph.input.append(onnx.helper.make_tensor_value_info("forced", INT64, ["batch"]))
+    graph.input.append(onnx.helper.make_tensor_value_info(CANDIDATE_COUNT, INT64, [1]))
+    graph.input.append(onnx.helper.make_tensor_value_info(FORCED_TOKENS, INT64, [BATCH_AXIS]))
     graph.initializer.append(onnx.numpy_helper.from_array(np.array([1], dtype=np.int64), "search_axis_1"))
     graph.node.extend([
-        onnx.helper.make_node("TopK", ["log_probs", "k"], ["top_log_probs", "top_ids"], name="top_k",
+        onnx.helper.make_node("TopK", [LOG_PROBS, CANDIDATE_COUNT], [TOP_LOG_PROBS, TOP_IDS], name="top_k",
                               axis=-1, largest=1, sorted=1),
-        onnx.helper.make_node("Unsqueeze", ["forced", "search_axis_1"], ["forced_column"], name="forced_column"),
-        onnx.helper.make_node("GatherElements", ["log_probs", "forced_column"], ["forced_log_probs_column"],
+        onnx.helper.make_node("Unsqueeze", [FORCED_TOKENS, "search_axis_1"], ["forced_column"], name="forced_column"),
+        onnx.helper.make_node("GatherElements", [LOG_PROBS, "forced_column"], ["forced_log_probs_column"],
                               name="forced_gather", axis=1),
-        onnx.helper.make_node("Squeeze", ["forced_log_probs_column", "search_axis_1"], ["forced_log_probs"],
+        onnx.helper.make_node("Squeeze", ["forced_log_probs_column", "search_axis_1"], [FORCED_LOG_PROBS],
                               name="forced_squeeze"),
     ])
-    graph.output.append(onnx.helper.make_tensor_value_info("top_log_probs", FLOAT, ["batch", "k"]))
-    graph.output.append(onnx.helper.make_tensor_value_info("top_ids", INT64, ["batch", "k"]))
-    graph.output.append(onnx.helper.make_tensor_value_info("forced_log_probs", FLOAT, ["batch"]))
+    graph.output.append(onnx.helper.make_tensor_value_info(TOP_LOG_PROBS, FLOAT, [BATCH_AXIS, CANDIDATES_AXIS]))
+    graph.output.append(onnx.helper.make_tensor_value_info(TOP_IDS, INT64, [BATCH_AXIS, CANDIDATES_AXIS]))
+    graph.output.append(onnx.helper.make_tensor_value_info(FORCED_LOG_PROBS, FLOAT, [BATCH_AXIS]))
     return proto
 
 

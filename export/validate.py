@@ -3,10 +3,13 @@ collected and raised together as one ExportValidationError.
 
     step parity   encoder outputs, then decoder steps along the torch greedy path, on random
                   and on real (dev) sentences: log-probabilities, alignments and the new state.
-                  fp32: max abs difference <= the graph's atol (1e-4); fp16: relative error <= 1e-2.
+                  fp32: max abs difference of each graph's outputs <= that graph's GraphSpec.atol
+                  (1e-4); fp16: relative error <= 1e-2.
     decoding      tokens of greedy decoding through onnxruntime vs torch on the dev split
                   (fp32: 100% identical, and for beam 4 too); int8/fp16 report the share
                   identical and test BLEU, which must be within 0.5 of torch.
+
+The results go into the manifest as the bundle format's ValidationRecord.
 """
 
 from __future__ import annotations
@@ -14,13 +17,17 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import sacrebleu
 import torch
 
-from attnserve.export.specs import ArchitectureSpec
+from attnserve.bundle_format import (
+    ATTENTION, CANDIDATE_COUNT, FORCED_TOKENS, LOG_PROBS, PARENT_ROWS, PREVIOUS_TOKENS, ZERO_ROWS, Manifest,
+    ValidationRecord,
+)
+from attnserve.decoding_rules import BOS_ID, EOS_ID, PAD_ID
+from attnserve.export.specs import ArchitectureSpec, GraphSpec
 from attnserve.model.batching import pad
 from attnserve.model.corpus import load_tsv
 from attnserve.model.decode import DecodeOptions
@@ -31,7 +38,7 @@ from attnserve.server.engine import Engine, TranslationOptions
 log = logging.getLogger(__name__)
 
 FP16_RTOL = 1e-2
-BEAM_CHECK = 4
+BEAM_CHECK = 4  # the beam size of ValidationRecord.beam4_identical
 MAX_BLEU_DROP = 0.5
 
 
@@ -45,8 +52,19 @@ class ExportValidationError(Exception):
 
 @dataclasses.dataclass
 class ValidationReport:
-    results: dict[str, Any] = dataclasses.field(default_factory=dict)
+    record: ValidationRecord
     failures: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class Difference:
+    """The largest absolute and relative difference seen so far."""
+    absolute: float = 0.0
+    relative: float = 0.0
+
+    def track(self, reference: np.ndarray, value: np.ndarray) -> None:
+        absolute, relative = _difference(reference, value)
+        self.absolute, self.relative = max(self.absolute, absolute), max(self.relative, relative)
 
 
 def _difference(reference: np.ndarray, value: np.ndarray) -> tuple[float, float]:
@@ -61,33 +79,36 @@ def _difference(reference: np.ndarray, value: np.ndarray) -> tuple[float, float]
     return float(diff.max()), float(diff.max() / max(np.abs(reference[finite]).max(), 1e-6))
 
 
-def step_parity(model, engine: Engine, arch: ArchitectureSpec, src: torch.Tensor, steps: int = 8) -> tuple[float, float]:
-    """Max abs and relative difference over encoder outputs and `steps` decoder steps."""
-    worst_abs = worst_rel = 0.0
+def step_parity(model, engine: Engine, arch: ArchitectureSpec, src: torch.Tensor,
+                steps: int = 8) -> dict[str, Difference]:
+    """Max abs and relative difference of each graph's outputs (by graph name): the encoder's,
+    and the decoder step's over `steps` steps along the torch greedy path."""
+    encoder, decoder_step = Difference(), Difference()
 
-    def track(reference: torch.Tensor, value: np.ndarray) -> None:
-        nonlocal worst_abs, worst_rel
-        a, r = _difference(reference.detach().double().numpy(), np.asarray(value, dtype=np.float64))
-        worst_abs, worst_rel = max(worst_abs, a), max(worst_rel, r)
+    def as_array(tensor: torch.Tensor) -> np.ndarray:
+        return tensor.detach().double().numpy()
 
+    signature = arch.state
+    step_outputs = [LOG_PROBS, ATTENTION, *signature.new_state_outputs]
     with torch.inference_mode():
         state = model.encode(src)
         onnx_state = engine.encode(src.numpy())
-        for name in engine.encoder_outputs:
-            track(state[name], onnx_state[name])
-        prev = torch.full((src.size(0),), 2, dtype=torch.long)
+        for name in signature.encoder_outputs:
+            encoder.track(as_array(state[name]), np.asarray(onnx_state[name], dtype=np.float64))
+        prev = torch.full((src.size(0),), BOS_ID, dtype=torch.long)
         for _ in range(steps):
             logits, state, attention = model.decode_step(prev, state)
-            feed = {"prev": prev.numpy(), "origin": np.arange(src.size(0)), "fresh": np.zeros(0, dtype=np.int64), "k": np.array([1]), "forced": prev.numpy(),
-                    **{n: onnx_state[n] for n in engine.static}, **{n: onnx_state[n] for n in engine.dynamic_names}}
-            results = engine.step.run(None, feed)
-            track(torch.log_softmax(logits.float(), -1), results[0])
-            track(attention, results[1])
-            for tensor, value in zip(arch.dynamic, results[2:]):
-                track(state[tensor.name], value)
+            feed = {PREVIOUS_TOKENS: prev.numpy(), PARENT_ROWS: np.arange(src.size(0)), ZERO_ROWS: np.zeros(0, dtype=np.int64),
+                    CANDIDATE_COUNT: np.array([1]), FORCED_TOKENS: prev.numpy(),
+                    **{name: onnx_state[name] for name in signature.static_names + signature.dynamic_names}}
+            log_probs, alignment, *new_state = engine.runtime.step_session.run(step_outputs, feed)
+            decoder_step.track(as_array(torch.log_softmax(logits.float(), -1)), np.asarray(log_probs, dtype=np.float64))
+            decoder_step.track(as_array(attention), np.asarray(alignment, dtype=np.float64))
+            for tensor, value in zip(signature.dynamic, new_state):
+                decoder_step.track(as_array(state[tensor.name]), np.asarray(value, dtype=np.float64))
                 onnx_state[tensor.name] = value
             prev = logits.argmax(-1)  # follow the torch path
-    return worst_abs, worst_rel
+    return {arch.encoder.name: encoder, arch.decoder_step.name: decoder_step}
 
 
 class TorchReference:
@@ -120,58 +141,79 @@ def _share_identical(reference: list[list[int]], engine: Engine, rows, opts: Tra
     return sum(a == b for a, b in zip(reference, onnx_tokens)) / len(rows)
 
 
-def validate_precision(reference: TorchReference, arch: ArchitectureSpec, work: Path, manifest: dict,
+def _parity_failures(differences: dict[str, Difference], graphs: dict[str, GraphSpec], inputs: str,
+                     precision: str) -> list[str]:
+    """fp32: each graph within its own atol; fp16: within FP16_RTOL relative error."""
+    failures = []
+    for graph, difference in differences.items():
+        atol = graphs[graph].atol
+        if precision == "fp32" and not difference.absolute <= atol:
+            failures.append(f"{inputs} inputs: {graph} max abs difference {difference.absolute:.3g} > {atol}")
+        if precision == "fp16" and not difference.relative <= FP16_RTOL:
+            failures.append(f"{inputs} inputs: {graph} relative error {difference.relative:.3g} > {FP16_RTOL}")
+    return failures
+
+
+def _rounded(value: float) -> float:
+    return float(f"{value:.3g}")
+
+
+def validate_precision(reference: TorchReference, arch: ArchitectureSpec, work: Path, manifest: Manifest,
                        precision: str) -> ValidationReport:
-    report = ValidationReport()
-    model, config, dev, test = reference.model, reference.config, reference.dev, reference.test
     # fp16 is meant for CUDA; where there is none, its numerics are checked on the CPU provider
     # (the manifest records which one).
     device = "auto" if precision == "fp16" else "cpu"
     engine = Engine(Bundle(work, manifest), precision, device=device, threads=0)
-    report.results["provider"] = engine.step.get_providers()[0]
+    try:
+        return _validate(reference, arch, engine, precision)
+    finally:
+        engine.close()
+
+
+def _validate(reference: TorchReference, arch: ArchitectureSpec, engine: Engine, precision: str) -> ValidationReport:
+    model, config, dev, test = reference.model, reference.config, reference.dev, reference.test
+    failures: list[str] = []
+    graphs = {spec.name: spec for spec in arch.graphs}
 
     # 1. Step parity on random and real inputs.
     g = torch.Generator().manual_seed(1)
     random_src = torch.randint(4, config.model.vocab_size, (4, 11), generator=g)
-    random_src[1, 7:] = 0
-    random_src[3, 3:] = 0
-    random_src[torch.arange(4), (random_src != 0).sum(1) - 1] = 3  # EOS last, as real inputs
-    batches = {"random": random_src}
+    random_src[1, 7:] = PAD_ID
+    random_src[3, 3:] = PAD_ID
+    random_src[torch.arange(4), (random_src != PAD_ID).sum(1) - 1] = EOS_ID  # EOS last, as real inputs
+    random = step_parity(model, engine, arch, random_src)
+    failures += _parity_failures(random, graphs, "random", precision)
+    record = ValidationRecord(provider=engine.provider,
+                              max_abs_diff_random=_rounded(max(d.absolute for d in random.values())),
+                              max_rel_diff_random=_rounded(max(d.relative for d in random.values())))
     if dev:
-        batches["dev"] = pad(engine.encode_texts([s for s, _ in dev[:16]]))
-    atol = 1e-4
-    for name, src in batches.items():
-        worst_abs, worst_rel = step_parity(model, engine, arch, src)
-        report.results[f"max_abs_diff_{name}"] = float(f"{worst_abs:.3g}")
-        report.results[f"max_rel_diff_{name}"] = float(f"{worst_rel:.3g}")
-        if precision == "fp32" and not worst_abs <= atol:
-            report.failures.append(f"{name} inputs: max abs difference {worst_abs:.3g} > {atol}")
-        if precision == "fp16" and not worst_rel <= FP16_RTOL:
-            report.failures.append(f"{name} inputs: relative error {worst_rel:.3g} > {FP16_RTOL}")
+        real = step_parity(model, engine, arch, pad(engine.encode_texts([s for s, _ in dev[:16]])))
+        failures += _parity_failures(real, graphs, "dev", precision)
+        record = dataclasses.replace(record, max_abs_diff_dev=_rounded(max(d.absolute for d in real.values())),
+                                     max_rel_diff_dev=_rounded(max(d.relative for d in real.values())))
 
     # 2. Greedy decoding: tokens identical to torch on the dev split.
     if not dev:
-        report.failures.append(f"no dev split in {reference.data_dir} to validate greedy decoding on")
-        return report
+        failures.append(f"no dev split in {reference.data_dir} to validate greedy decoding on")
+        return ValidationReport(record, failures)
     identical = _share_identical(reference.tokens("dev"), engine, dev, TranslationOptions())
-    report.results["dev_sentences"] = len(dev)
-    report.results["greedy_identical"] = round(identical, 4)
+    record = dataclasses.replace(record, dev_sentences=len(dev), greedy_identical=round(identical, 4))
     if precision == "fp32" and identical < 1.0:
-        report.failures.append(f"greedy tokens identical on {identical:.2%} of {len(dev)} dev sentences, need 100%")
+        failures.append(f"greedy tokens identical on {identical:.2%} of {len(dev)} dev sentences, need 100%")
     if precision == "fp32":  # beam search too: the engine must reproduce the reference exactly
         identical = _share_identical(reference.tokens("dev", BEAM_CHECK), engine, dev, TranslationOptions(beam_size=BEAM_CHECK))
-        report.results[f"beam{BEAM_CHECK}_identical"] = round(identical, 4)
+        record = dataclasses.replace(record, beam4_identical=round(identical, 4))
         if identical < 1.0:
-            report.failures.append(f"beam-{BEAM_CHECK} tokens identical on {identical:.2%} of {len(dev)} dev sentences, need 100%")
+            failures.append(f"beam-{BEAM_CHECK} tokens identical on {identical:.2%} of {len(dev)} dev sentences, need 100%")
     if test:  # every precision: the test BLEU goes into the manifest
         sources, references = [s for s, _ in test], [t for _, t in test]
         torch_hyps = reference.tokenizer.decode(reference.tokens("test"))
         onnx_hyps = engine.translate_text(sources)
         torch_bleu = sacrebleu.corpus_bleu(torch_hyps, [references]).score
         onnx_bleu = sacrebleu.corpus_bleu(onnx_hyps, [references]).score
-        report.results.update(test_sentences=len(test), test_bleu_torch=round(torch_bleu, 2),
-                              test_bleu=round(onnx_bleu, 2), bleu_difference=round(onnx_bleu - torch_bleu, 2))
+        record = dataclasses.replace(record, test_sentences=len(test), test_bleu_torch=round(torch_bleu, 2),
+                                     test_bleu=round(onnx_bleu, 2), bleu_difference=round(onnx_bleu - torch_bleu, 2))
         if torch_bleu - onnx_bleu > MAX_BLEU_DROP:
-            report.failures.append(f"test BLEU {onnx_bleu:.2f} is {torch_bleu - onnx_bleu:.2f} below torch ({torch_bleu:.2f}); at most {MAX_BLEU_DROP}")
-    log.info("%s validation: %s", precision, report.results)
-    return report
+            failures.append(f"test BLEU {onnx_bleu:.2f} is {torch_bleu - onnx_bleu:.2f} below torch ({torch_bleu:.2f}); at most {MAX_BLEU_DROP}")
+    log.info("%s validation: %s", precision, record.to_json())
+    return ValidationReport(record, failures)

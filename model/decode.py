@@ -11,16 +11,18 @@ import dataclasses
 
 import torch
 
+from attnserve.decoding_rules import (
+    BOS_ID, DEFAULT_LENGTH_LIMIT, EOS_ID, PAD_ID, LengthLimit, length_normalised, max_target_length,
+)
 from attnserve.model.base import EncoderDecoder
-from attnserve.model.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 
 @dataclasses.dataclass
 class DecodeOptions:
     beam_size: int = 1
     length_penalty: float = 1.0  # GNMT alpha: score / ((5 + len) / 6) ** alpha; 0 = raw log-prob
-    max_len_a: float = 2.0  # max target length = a * source length + b (capped by the model)
-    max_len_b: int = 10
+    max_len_a: float = DEFAULT_LENGTH_LIMIT.max_len_a  # max target length = a * source length + b (capped by the model)
+    max_len_b: int = DEFAULT_LENGTH_LIMIT.max_len_b
     nbest: int = 1
     return_attention: bool = False
 
@@ -35,8 +37,9 @@ class Hypothesis:
 def max_target_lengths(src: torch.Tensor, model: EncoderDecoder, opts: DecodeOptions) -> torch.Tensor:
     """Per-sentence limit a * source length + b (capped by the model): a sentence's output never
     depends on which other sentences share its batch."""
-    lengths = (src != PAD_ID).sum(1).float()
-    return (opts.max_len_a * lengths + opts.max_len_b).long().clamp(max=model.config.max_len - 1)
+    limit = LengthLimit(opts.max_len_a, opts.max_len_b)
+    lengths = (src != PAD_ID).sum(1).tolist()
+    return torch.tensor([max_target_length(n, model.config.max_len, limit) for n in lengths], device=src.device)
 
 
 @torch.inference_mode()
@@ -136,8 +139,7 @@ def _hypothesis(row: torch.Tensor, attns: list[torch.Tensor], index: int, score:
     `row` starts with its tokens; attns[t][index] is its alignment at step t."""
     ids = row.tolist()[: length - ended]
     attention = [attns[t][index].tolist() for t in range(length)] if opts.return_attention else None
-    normalised = score / ((5.0 + length) / 6.0) ** opts.length_penalty if opts.length_penalty else score
-    return Hypothesis(tokens=ids, score=normalised, attention=attention)
+    return Hypothesis(tokens=ids, score=length_normalised(score, length, opts.length_penalty), attention=attention)
 
 
 def decode(model: EncoderDecoder, src: torch.Tensor, opts: DecodeOptions) -> list[list[Hypothesis]]:

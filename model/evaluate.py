@@ -15,12 +15,13 @@ from pathlib import Path
 import sacrebleu
 import torch
 
+from attnserve.decoding_rules import max_source_tokens, source_ids
 from attnserve.model.base import EncoderDecoder
 from attnserve.model.batching import pad, token_batches
 from attnserve.model.checkpoint import load_model
 from attnserve.model.corpus import load_tsv
 from attnserve.model.decode import DecodeOptions, Hypothesis, decode
-from attnserve.model.tokenizer import EOS_ID, Tokenizer
+from attnserve.model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +39,8 @@ def translate_texts(
     """Translate texts in length-sorted token batches; results come back in input order."""
     opts = opts or DecodeOptions()
     device = next(model.parameters()).device
-    max_src = model.config.max_len - 1
-    ids = [s[:max_src] + [EOS_ID] for s in tokenizer.encode(list(texts))]
+    max_src = max_source_tokens(model.config.max_len)
+    ids = [source_ids(s, model.config.max_len) for s in tokenizer.encode(list(texts))]
     results: list[list[Hypothesis]] = [[] for _ in texts]
     # Beam search multiplies the batch by the beam size.
     for batch in token_batches([len(s) for s in ids], max(max_tokens // opts.beam_size, max_src + 1)):

@@ -1,7 +1,7 @@
 """Joint SentencePiece vocabulary for source and target (the Transformer shares its embeddings).
 
 Special ids are fixed so that every model, the exporter and the server agree on them without
-reading the model: pad=0, unk=1, bos=2, eos=3.
+reading the model: pad=0, unk=1, bos=2, eos=3 (attnserve/decoding_rules.py).
 """
 
 from __future__ import annotations
@@ -13,9 +13,11 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from attnserve.decoding_rules import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+
 log = logging.getLogger(__name__)
 
-PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+__all__ = ["BOS_ID", "EOS_ID", "PAD_ID", "UNK_ID", "PLACEHOLDER_PIECES", "Tokenizer", "train_tokenizer"]
 
 # printf conversions are common in software messages and must be copied through intact:
 # keeping the frequent ones as single pieces makes that trivial for the model.

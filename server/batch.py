@@ -20,6 +20,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from attnserve.decoding_rules import source_ids
 from attnserve.server.engine import Engine, TranslationOptions
 
 log = logging.getLogger(__name__)
@@ -103,7 +104,7 @@ class BatchTranslator:
             raise BatchError(f"--long must be truncate or report, got {long_lines!r}")
         self.engine, self.options, self.jsonl = engine, options, jsonl
         self.long_lines, self.chunk_lines = long_lines, chunk_lines
-        self.max_source_tokens = engine.max_len - 1
+        self.max_source_tokens = engine.max_source_tokens
 
     def _translate_chunk(self, lines: list[str], summary: BatchSummary) -> list[str]:
         """Output lines for input lines: translations, empty lines, or reported refusals."""
@@ -143,8 +144,7 @@ class BatchTranslator:
                     summary.refused += 1
                     continue
                 summary.truncated += 1
-                ids = ids[: self.max_source_tokens]
-            sources.append(ids + [self.engine.eos])
+            sources.append(source_ids(ids, self.engine.max_len, self.engine.eos))  # cut to max_source_tokens
             keep.append(i)
         results = self.engine.translate_ids(sources, self.options)
         translations = self.engine.tokenizer.decode([hyps[0].tokens for hyps in results])

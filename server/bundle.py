@@ -1,27 +1,24 @@
 """Model bundles: a directory with ONNX graphs, a SentencePiece model and manifest.json.
 
-Loading verifies the sha256 of every file the manifest names before anything is used, so a
-truncated copy, a tampered graph or a missing tokenizer is refused with a clear error.
+Loading reads the manifest into its typed records (attnserve/bundle_format.py: a manifest of
+another format version is refused, naming both versions) and verifies the sha256 of every file
+the manifest names before anything is used, so a truncated copy, a tampered graph or a missing
+tokenizer is refused with a clear error. The manifest cannot hold its own sha256: it is checked
+by being read into its records instead.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 from pathlib import Path
-from typing import Any
+
+from attnserve.bundle_format import MANIFEST_FILE, BundleError, GraphFiles, Manifest
 
 log = logging.getLogger(__name__)
 
-BUNDLE_FORMAT = "attnserve-bundle"
-BUNDLE_FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-
-
-class BundleError(Exception):
-    """A bundle is missing, incomplete, tampered with or of an unsupported format."""
+__all__ = ["Bundle", "BundleError", "MANIFEST_FILE", "load_bundle", "sha256_file"]
 
 
 def sha256_file(path: Path) -> str:
@@ -35,39 +32,33 @@ def sha256_file(path: Path) -> str:
 @dataclasses.dataclass(frozen=True)
 class Bundle:
     path: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
 
     @property
     def precisions(self) -> list[str]:
-        return list(self.manifest["precisions"])
+        return list(self.manifest.precisions)
 
-    def graph_path(self, precision: str, graph: str) -> Path:
-        if precision not in self.manifest["precisions"]:
+    def graph_files(self, precision: str) -> GraphFiles:
+        """The paths of one precision's graphs."""
+        if precision not in self.manifest.precisions:
             raise BundleError(f"{self.path}: no {precision!r} graphs; this bundle has {self.precisions}")
-        return self.path / self.manifest["precisions"][precision]["files"][graph]
+        files = self.manifest.precisions[precision].files
+        return GraphFiles(str(self.path / files.encoder), str(self.path / files.decoder_step))
 
     @property
     def tokenizer_path(self) -> Path:
-        return self.path / self.manifest["tokenizer"]
+        return self.path / self.manifest.tokenizer
 
 
 def load_bundle(path: Path | str, verify: bool = True) -> Bundle:
     path = Path(path)
-    manifest_path = path / MANIFEST
+    manifest_path = path / MANIFEST_FILE
     if not manifest_path.is_file():
-        raise BundleError(f"{path}: no {MANIFEST}; not a model bundle")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{manifest_path}: not valid JSON: {exc}") from exc
-    if manifest.get("format") != BUNDLE_FORMAT or manifest.get("format_version") != BUNDLE_FORMAT_VERSION:
-        raise BundleError(
-            f"{path}: bundle format {manifest.get('format')!r} v{manifest.get('format_version')}, "
-            f"this version reads {BUNDLE_FORMAT!r} v{BUNDLE_FORMAT_VERSION}"
-        )
+        raise BundleError(f"{path}: no {MANIFEST_FILE}; not a model bundle")
+    manifest = Manifest.read(manifest_path)  # FormatVersionError, ManifestError
     if verify:
         problems = []
-        for name, expected in manifest["files"].items():
+        for name, expected in manifest.files.items():
             file = path / name
             if not file.is_file():
                 problems.append(f"{name} is missing")

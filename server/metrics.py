@@ -7,6 +7,7 @@ Histograms, not summaries, so that Prometheus can aggregate quantiles across rep
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
@@ -46,6 +47,11 @@ class Metrics:
                                      ["model"], registry=r)
         r.register(GpuCollector())
         self._http = None
+
+    def run_observer(self, model: str) -> Callable[[str, float], None]:
+        """An engine's run observer (Engine(run_observer=...)): onnxruntime run times of `model`."""
+        run_time = self.run_time
+        return lambda graph, seconds: run_time.labels(model, graph).observe(seconds)
 
     def serve(self, port: int, host: str = "") -> int:
         """Start the /metrics HTTP server; returns its port."""

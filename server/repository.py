@@ -14,6 +14,7 @@ directory is rescanned every poll_seconds and on SIGHUP.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import logging
 import os
 import threading
@@ -22,13 +23,24 @@ from collections.abc import Callable
 from pathlib import Path
 
 from attnserve.server.bundle import Bundle, BundleError, load_bundle
-from attnserve.server.engine import Engine, TranslationOptions, choose_providers
+from attnserve.server.engine import Engine, TranslationOptions
+from attnserve.server.runtime import choose_providers
 from attnserve.server.metrics import Metrics
 from attnserve.server.scheduler import BatchingConfig, SchedulerGroup
 
 log = logging.getLogger(__name__)
 
-LOADING, READY, FAILED, UNLOADED = "LOADING", "READY", "FAILED", "UNLOADED"
+
+
+class ModelState(enum.StrEnum):
+    """Where a model version is in its life. The values are the API's ModelInfo.State names
+    (a StrEnum, so they also compare equal to those strings)."""
+
+    LOADING = "LOADING"  # verifying, loading and warming up
+    READY = "READY"  # taking requests
+    FAILED = "FAILED"  # refused; tried again once its files change
+    UNLOADED = "UNLOADED"  # superseded or removed: takes no new work, finishes what it has
+
 WARM_UP_SENTENCE = "Open the file."
 
 
@@ -41,7 +53,7 @@ class ModelVersion:
     name: str
     version: str
     path: Path
-    state: str = LOADING
+    state: ModelState = ModelState.LOADING
     reason: str = ""
     fingerprint: tuple = ()
     bundle: Bundle | None = None
@@ -107,7 +119,7 @@ class ModelRepository:
         return sorted({v.name for v in self.versions()})
 
     def ready(self, name: str) -> bool:
-        return any(v.state == READY for v in self.versions() if v.name == name)
+        return any(v.state == ModelState.READY for v in self.versions() if v.name == name)
 
     def get(self, name: str, version: str = "") -> ModelVersion:
         """The version that serves (name, version); the newest ready one when version is ''."""
@@ -120,11 +132,11 @@ class ModelRepository:
             if not match:
                 raise ModelNotFound(f"model {name!r} has no version {version!r} "
                                     f"(versions: {', '.join(v.version for v in sorted(candidates, key=lambda v: v.number))})")
-            if match[0].state != READY:
+            if match[0].state != ModelState.READY:
                 raise ModelNotFound(f"model {name!r} version {version} is {match[0].state}"
                                     + (f": {match[0].reason}" if match[0].reason else ""))
             return match[0]
-        ready = [v for v in candidates if v.state == READY]
+        ready = [v for v in candidates if v.state == ModelState.READY]
         if not ready:
             states = ", ".join(f"{v.version} {v.state}" for v in candidates)
             raise ModelNotFound(f"model {name!r} has no ready version ({states})")
@@ -140,7 +152,7 @@ class ModelRepository:
                 known = dict(self._versions)
             for key, path in sorted(found.items(), key=lambda kv: (kv[0][0], int(kv[0][1]))):
                 current = known.get(key)
-                if current is None or (current.state == FAILED and current.fingerprint != fingerprint(path)):
+                if current is None or (current.state == ModelState.FAILED and current.fingerprint != fingerprint(path)):
                     self._load(ModelVersion(key[0], key[1], path))
             for key, version in known.items():
                 if key not in found:
@@ -166,13 +178,16 @@ class ModelRepository:
             self._versions[(version.name, version.version)] = version
         version.fingerprint = fingerprint(version.path)
         started = time.monotonic()
+        engines: list[Engine] = []
         try:
             bundle = load_bundle(version.path, verify=True)
             config = self.engine_config
             on_cuda = choose_providers(config.device)[0] == "CUDAExecutionProvider"
             instances, threads = config.layout(on_cuda)
             precision = choose_precision(bundle, config.precision, on_cuda)
-            engines = [Engine(bundle, precision, config.device, threads) for _ in range(instances)]
+            observer = self.metrics.run_observer(version.name) if self.metrics is not None else None
+            for _ in range(instances):
+                engines.append(Engine(bundle, precision, config.device, threads, run_observer=observer))
             for engine in engines:
                 engine.warm_up()
                 hypotheses = engine.translate([WARM_UP_SENTENCE], TranslationOptions(beam_size=2))[0]
@@ -180,14 +195,16 @@ class ModelRepository:
                     raise BundleError("the warm-up translation came back empty")
             engine = engines[0]
         except Exception as exc:  # anything wrong with a new version must leave the others serving
-            version.state, version.reason = FAILED, str(exc)
+            for engine in engines:
+                engine.close()
+            version.state, version.reason = ModelState.FAILED, str(exc)
             log.error("model %s version %s refused: %s", version.name, version.version, exc)
             if self.metrics is not None:
                 self.metrics.load_failures.labels(version.name).inc()
             return
         version.bundle, version.engine = bundle, engine
         version.scheduler = SchedulerGroup(engines, version.name, self.batching, self.metrics)
-        version.state, version.reason = READY, ""
+        version.state, version.reason = ModelState.READY, ""
         if self.metrics is not None:
             self.metrics.model_info.labels(version.name, version.version, engine.precision, engine.provider).set(1)
         log.info("model %s version %s ready (%s, %s, %d instance(s) x %d thread(s)) in %.1f s; warm-up: %r -> %r",
@@ -199,9 +216,9 @@ class ModelRepository:
         newest unloaded version back."""
         for name in self.model_names():
             versions = [v for v in self.versions() if v.name == name]
-            if any(v.state == READY for v in versions):
+            if any(v.state == ModelState.READY for v in versions):
                 continue
-            unloaded = [v for v in versions if v.state == UNLOADED and (v.name, v.version) in found]
+            unloaded = [v for v in versions if v.state == ModelState.UNLOADED and (v.name, v.version) in found]
             if unloaded:
                 newest = max(unloaded, key=lambda v: v.number)
                 self._load(ModelVersion(newest.name, newest.version, newest.path))
@@ -209,16 +226,18 @@ class ModelRepository:
     def _retire_superseded(self) -> None:
         newest: dict[str, int] = {}
         for v in self.versions():
-            if v.state == READY:
+            if v.state == ModelState.READY:
                 newest[v.name] = max(newest.get(v.name, 0), v.number)
         for v in self.versions():
-            if v.state == READY and v.number < newest[v.name]:
+            if v.state == ModelState.READY and v.number < newest[v.name]:
                 self._retire(v, f"superseded by version {newest[v.name]}")
 
     def _retire(self, version: ModelVersion, reason: str) -> None:
-        """Stop new work for this version; its scheduler finishes what it has in the background."""
+        """Stop new work for this version; its scheduler finishes what it has in the background,
+        then its engines release their sessions (memory comes back when the version is done,
+        not whenever the garbage collector gets to it)."""
         log.info("model %s version %s unloaded: %s", version.name, version.version, reason)
-        version.state, version.reason = UNLOADED, reason
+        version.state, version.reason = ModelState.UNLOADED, reason
         scheduler, engine = version.scheduler, version.engine
         if self.metrics is not None and engine is not None:
             try:
@@ -226,7 +245,8 @@ class ModelRepository:
             except KeyError:
                 pass
         if scheduler is not None:
-            threading.Thread(target=scheduler.close, name=f"retire-{version.name}-{version.version}", daemon=True).start()
+            threading.Thread(target=_close_when_done, args=(scheduler,), name=f"retire-{version.name}-{version.version}",
+                             daemon=True).start()
         version.engine = version.scheduler = None
         if not version.path.exists():
             with self._lock:
@@ -262,3 +282,13 @@ class ModelRepository:
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
                 if not version.scheduler.close(left):
                     log.warning("model %s version %s still had work at shutdown", version.name, version.version)
+                    continue  # its engines are still decoding: they go with the process
+                for engine in version.scheduler.engines:
+                    engine.close()
+
+
+def _close_when_done(scheduler: SchedulerGroup) -> None:
+    """A retired version's scheduler finishes its work, then its engines are closed."""
+    scheduler.close()
+    for engine in scheduler.engines:
+        engine.close()

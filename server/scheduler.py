@@ -15,7 +15,14 @@ leaves its batch the step it is done, so a long sentence never holds short ones 
     deadlines   a sentence whose request has expired or been cancelled is dropped, waiting or
                 decoding; the request is answered once, with the reason.
 
-The model code knows nothing of this: it only sees BeamBatch.add / step / cancel.
+The model code knows nothing of this: the scheduler drives a BeamBatch through its public
+interface (add / step / cancel, len, live_items, longest_source, source_tokens) and completes
+Jobs through theirs (deliver / fail). The engine's run observer (metrics) is the engine's
+constructor argument (repository.py), not something the scheduler installs.
+
+Threads: submit, cancel and the load/queued/busy readings come from request threads; everything
+else runs in the scheduler thread. What both read or change (the queues, the counts) is under
+the scheduler's condition.
 """
 
 from __future__ import annotations
@@ -27,7 +34,8 @@ import threading
 import time
 from collections.abc import Callable
 
-from attnserve.server.engine import BeamBatch, Engine, Hypothesis, SearchItem, TranslationOptions
+from attnserve.server.engine import Engine
+from attnserve.server.search import BeamBatch, Hypothesis, SearchItem, TranslationOptions
 from attnserve.server.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -65,7 +73,10 @@ class Job:
     """The sentences of one request (or one stream item). `on_result(index, hypotheses)`, if
     given, is called as each sentence is done and `on_error(error)` if the job fails (both from
     the scheduler thread, or on_error from the cancelling one); `wait()` returns when all are
-    done or the job has failed. Identity-hashed: it tags its sentences in a batch."""
+    done or the job has failed. Identity-hashed: it tags its sentences in a batch.
+
+    Completion (deliver, fail) is public so that whoever decodes a job's sentences completes it;
+    a job completes once: after it is done or failed, both do nothing."""
 
     def __init__(self, sources: list[list[int]], opts: TranslationOptions, deadline: float | None = None,
                  on_result: Callable[[int, list[Hypothesis]], None] | None = None,
@@ -89,7 +100,8 @@ class Job:
     def done(self) -> bool:
         return self._done.is_set()
 
-    def _deliver(self, index: int, hypotheses: list[Hypothesis]) -> None:
+    def deliver(self, index: int, hypotheses: list[Hypothesis]) -> None:
+        """Sentence `index` is done with these hypotheses."""
         if self.done:
             return
         self.results[index] = hypotheses
@@ -99,8 +111,8 @@ class Job:
         if self.remaining == 0:
             self._done.set()
 
-    def _fail(self, error: SchedulerError) -> bool:
-        """Fail the job once; False if it was already done."""
+    def fail(self, error: SchedulerError) -> bool:
+        """Fail the job once; False if it was already done (or failed)."""
         if self.done:
             return False
         self.error = error
@@ -122,13 +134,14 @@ class Scheduler:
         self._cond = threading.Condition()
         self._waiting: dict[tuple[int, bool], collections.deque[tuple[Job, int]]] = {}  # per lane, arrival order
         self._queued = 0  # sentences waiting
-        self._batches: dict[tuple[int, bool], BeamBatch] = {}
+        self._batches: dict[tuple[int, bool], BeamBatch] = {}  # scheduler thread only
+        # Sentences in the batches (decoding), as of the scheduler thread's last pass under the
+        # condition: what `load` reads instead of walking _batches while that thread changes them.
+        self._decoding = 0
         self._active: set[Job] = set()  # jobs with sentences in a batch
         self._closing = False
         self._turn = 0
         self._last_sweep = 0.0
-        if metrics is not None:
-            engine.run_observer = lambda graph, seconds: metrics.run_time.labels(model, graph).observe(seconds)
         self._thread = threading.Thread(target=self._run, name=f"scheduler-{model}", daemon=True)
         self._thread.start()
 
@@ -149,7 +162,7 @@ class Scheduler:
     def cancel(self, job: Job, reason: str = SchedulerError.CANCELLED) -> None:
         """Abandon a job (client gone or deadline passed): its sentences stop being decoded."""
         with self._cond:
-            if job._fail(SchedulerError(reason, f"request {reason}")):
+            if job.fail(SchedulerError(reason, f"request {reason}")):
                 self._cond.notify()
 
     @property
@@ -159,8 +172,9 @@ class Scheduler:
 
     @property
     def load(self) -> int:
-        """Sentences waiting or being decoded."""
-        return self._queued + sum(len(batch) for batch in self._batches.values())
+        """Sentences waiting or being decoded (as of the scheduler's last pass between steps)."""
+        with self._cond:
+            return self._queued + self._decoding
 
     @property
     def busy(self) -> bool:
@@ -193,7 +207,8 @@ class Scheduler:
         """Under the lock: wait for work, then take what may join the batches now. None: stop."""
         while True:
             self._drop_abandoned_waiting()
-            running = any(len(batch) for batch in self._batches.values())
+            self._decoding = sum(len(batch) for batch in self._batches.values())
+            running = self._decoding > 0
             if running or self._queued:
                 break
             if self._closing:
@@ -212,6 +227,7 @@ class Scheduler:
             pairs = self._select(lane, queue)
             if pairs:
                 admitted[lane] = pairs
+                self._decoding += len(pairs)  # they leave the queue for a batch, not the load
         return admitted
 
     def _select(self, lane: tuple[int, bool], queue: collections.deque) -> list[tuple[Job, int]]:
@@ -225,7 +241,7 @@ class Scheduler:
         if (sentences and len(queue) < min(room, sentences * JOIN_FRACTION)
                 and waited < self.config.max_wait_ms / 1000):
             return []  # wait (bounded by max_wait_ms) for a few more to encode together
-        longest = max((len(item.src) for item, closed in zip(batch.items, batch.closed) if not closed), default=0) if batch else 0
+        longest = batch.longest_source if batch is not None else 0
         reference = longest or len(queue[0][0].sources[queue[0][1]])
         window = list(queue)[: 4 * self.config.max_batch_sentences]
         # The oldest first, then the closest in length to the batch, older first among equals.
@@ -279,11 +295,13 @@ class Scheduler:
         try:
             done = batch.step()
         except Exception as exc:
+            # Every sentence the batch holds, those it closed in the failed step included (their
+            # results were never delivered).
             self._fail_lane(lane, exc, [item.tag[0] for item in batch.items])
             return
         for item, hypotheses in done:
             job, index = item.tag
-            job._deliver(index, hypotheses)
+            job.deliver(index, hypotheses)
             if self.metrics is not None and hypotheses:
                 self.metrics.sentences.labels(self.model).inc()
                 self.metrics.generated_tokens.labels(self.model).inc(len(hypotheses[0].tokens) + 1)
@@ -293,7 +311,7 @@ class Scheduler:
     def _fail_lane(self, lane: tuple[int, bool], exc: Exception, jobs: list[Job]) -> None:
         log.exception("model %s: decoding failed; failing %d requests", self.model, len(set(jobs)), exc_info=exc)
         for job in set(jobs):
-            job._fail(SchedulerError(SchedulerError.FAILED, f"model {self.model} failed to decode: {exc}"))
+            job.fail(SchedulerError(SchedulerError.FAILED, f"model {self.model} failed to decode: {exc}"))
             self._active.discard(job)
         self._batches.pop(lane, None)
 
@@ -303,14 +321,14 @@ class Scheduler:
         gone = set()
         for job in list(self._active):
             if job.expired(now):
-                job._fail(SchedulerError(SchedulerError.EXPIRED, "deadline exceeded"))
+                job.fail(SchedulerError(SchedulerError.EXPIRED, "deadline exceeded"))
             if job.error is not None:
                 gone.add(job)
         if not gone:
             return
         self._active -= gone
         for batch in self._batches.values():
-            batch.cancel({item.tag for item in batch.items if item.tag[0] in gone})
+            batch.cancel({item.tag for item in batch.live_items() if item.tag[0] in gone})
 
     def _drop_abandoned_waiting(self) -> None:
         now = time.monotonic()
@@ -322,7 +340,7 @@ class Scheduler:
                 keep = []
                 for job, index in queue:
                     if job.expired(now):
-                        job._fail(SchedulerError(SchedulerError.EXPIRED, "deadline exceeded while waiting"))
+                        job.fail(SchedulerError(SchedulerError.EXPIRED, "deadline exceeded while waiting"))
                     if not job.done:
                         keep.append((job, index))
                 self._queued -= len(queue) - len(keep)
@@ -352,7 +370,12 @@ class SchedulerGroup:
         if job.scheduler is not None:
             job.scheduler.cancel(job, reason)
         else:  # never queued (refused)
-            job._fail(SchedulerError(reason, f"request {reason}"))
+            job.fail(SchedulerError(reason, f"request {reason}"))
+
+    @property
+    def engines(self) -> list[Engine]:
+        """One per instance; the repository closes them once the schedulers have stopped."""
+        return [s.engine for s in self.schedulers]
 
     @property
     def queued(self) -> int:

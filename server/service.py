@@ -280,14 +280,14 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
         manifest = version.bundle.manifest if version.bundle is not None else None
         if manifest is None:
             return info
-        info.source_language = manifest["languages"]["source"]
-        info.target_language = manifest["languages"]["target"]
-        info.architecture, info.attention = manifest["architecture"], manifest["attention"]
-        info.parameters = manifest["parameters"]
+        info.source_language, info.target_language = manifest.languages.source, manifest.languages.target
+        info.architecture, info.attention = manifest.architecture, manifest.attention
+        info.parameters = manifest.parameters
         if version.engine is not None:
             info.precision, info.execution_provider = version.engine.precision, version.engine.provider
-            validation = manifest["precisions"].get(version.engine.precision, {}).get("validation", {})
-            info.test_bleu = validation.get("test_bleu", 0.0)
+            validation = manifest.validation_of(version.engine.precision)
+            if validation is not None and validation.test_bleu is not None:
+                info.test_bleu = validation.test_bleu
         return info
 
 

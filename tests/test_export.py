@@ -22,13 +22,14 @@ from tests.conftest import ARCHITECTURES
 @pytest.mark.parametrize("name", list(ARCHITECTURES))
 def test_export_matches_torch(trained: dict[str, Path], tmp_path: Path, name: str) -> None:
     out = tmp_path / "repo" / name / "1"
-    manifest = export_bundle(trained[name], out, precisions=("fp32", "int8"))
+    manifest = export_bundle(trained[name], out, precisions=("fp32", "int8")).to_json()
     fp32 = manifest["precisions"]["fp32"]["validation"]
     assert fp32["max_abs_diff_random"] <= 1e-4 and fp32["max_abs_diff_dev"] <= 1e-4
     assert fp32["greedy_identical"] == 1.0 and fp32["beam4_identical"] == 1.0
     int8 = manifest["precisions"]["int8"]["validation"]
     assert abs(int8["bleu_difference"]) <= 0.5 or int8["test_bleu"] >= int8["test_bleu_torch"]
     bundle = load_bundle(out)
+    assert bundle.manifest.to_json() == manifest == json.loads((out / "manifest.json").read_text())  # typed round trip
     assert set(manifest["files"]) == {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name != "manifest.json"}
     engine = Engine(bundle, "fp32", device="cpu")
     model, tokenizer, _ = load_model(trained[name])
@@ -38,9 +39,10 @@ def test_export_matches_torch(trained: dict[str, Path], tmp_path: Path, name: st
 
 def test_transformer_attention_is_fused_in_every_precision(trained: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "t" / "1"
-    manifest = export_bundle(trained["transformer"], out, precisions=("fp32", "fp16", "int8"))
+    manifest = export_bundle(trained["transformer"], out, precisions=("fp32", "fp16", "int8")).to_json()
     fp16 = manifest["precisions"]["fp16"]["validation"]
     assert fp16["max_rel_diff_dev"] <= 1e-2 and abs(fp16["bleu_difference"]) <= 0.5
+    assert load_bundle(out).manifest.to_json() == manifest  # typed round trip, every precision
     cfg = manifest["model_config"]
     for precision in ("fp32", "fp16", "int8"):
         for graph, expected in (("encoder", cfg["enc_layers"]), ("decoder_step", 2 * cfg["dec_layers"])):
@@ -106,3 +108,35 @@ def test_engine_refuses_a_bundle_from_another_export_version(bundles, tmp_path: 
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="lacks .*forced.*export it again"):
         Engine(load_bundle(copy), "fp32", device="cpu")
+
+
+def test_int8_quantisation_leaves_the_root_logger_alone(bundles, tmp_path: Path) -> None:
+    """The quantiser's advice is dropped, by a filter on its own records only: the root logger's
+    level never changes, and every other record still goes through."""
+    import logging
+
+    from attnserve.export.exporter import _DropQuantiserWarnings, quantize_int8
+
+    class Keep(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__()
+            self.records: list[logging.LogRecord] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.records.append(record)
+
+    root, keep = logging.getLogger(), Keep()
+    level = root.level
+    root.addHandler(keep)
+    try:
+        quantize_int8(bundles["transformer"] / "fp32" / "encoder.onnx", tmp_path / "encoder.onnx")
+    finally:
+        root.removeHandler(keep)
+    assert root.level == level and not root.filters
+    assert not any("pre-processing" in r.getMessage() for r in keep.records)
+    assert onnx.load(str(tmp_path / "encoder.onnx")).ir_version == 10
+    quiet = _DropQuantiserWarnings()
+    ours = logging.LogRecord("attnserve.export", logging.WARNING, __file__, 1, "ours", None, None)
+    theirs = logging.LogRecord("root", logging.WARNING, quiet.package + "/quantize.py", 1, "advice", None, None)
+    failure = logging.LogRecord("root", logging.ERROR, quiet.package + "/quantize.py", 1, "failure", None, None)
+    assert quiet.filter(ours) and not quiet.filter(theirs) and quiet.filter(failure)
