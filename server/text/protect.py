@@ -217,8 +217,11 @@ def apply_edits(text: str, edits: list[Edit]) -> tuple[str, Callable[..., int]]:
     parts, cursor, anchors = [], 0, []  # anchors: (old start, old end, new start, new end)
     length = 0
     for edit in edits:
-        if edit.start < cursor:  # overlapping edits: keep the first
-            continue
+        if edit.start < cursor:
+            # Overlaps the previous edit (a dropped mask's point inside a removed duplicate, a
+            # line break at a removed space): what it adds goes right after that edit, so
+            # nothing that must be in the output is lost.
+            edit = Edit(cursor, cursor, edit.text)
         parts.append(text[cursor:edit.start])
         length += edit.start - cursor
         anchors.append((edit.start, edit.end, length, length + len(edit.text)))
