@@ -3,9 +3,10 @@ safetensors, trainer state is loaded with torch.load(weights_only=True), config 
 
     RUN/config.json                        the full Config, plus the checkpoint format version
     RUN/spm.model                          the SentencePiece model
-    RUN/log.jsonl                          training and evaluation metrics, one JSON per line
+    RUN/log.jsonl                          one JSON per line: a start record per (re)start with
+                                           the hardware and precision, train and dev metrics
     RUN/checkpoints/{last,best}/model.safetensors
-    RUN/checkpoints/last/trainer.pt        optimiser, scheduler, RNG, data position
+    RUN/checkpoints/last/trainer.pt        optimiser, scheduler, RNG (each rank's), data position
     RUN/checkpoints/{last,best}/meta.json  step, epoch, dev BLEU
 """
 
@@ -68,15 +69,27 @@ def load_trainer_state(directory: Path) -> dict[str, Any]:
     return torch.load(directory / "trainer.pt", weights_only=True, map_location="cpu")
 
 
+def weights_path(source: Path | str, which: str = "best") -> Path:
+    """A run directory's `which` checkpoint weights, or `source` itself if it is a weights file."""
+    source = Path(source)
+    weights = source / "checkpoints" / which / "model.safetensors" if source.is_dir() else source
+    if not weights.is_file():
+        raise CheckpointError(f"no {which} checkpoint in {source}" if source.is_dir() else f"no weights file {source}")
+    return weights
+
+
+def load_weights(model: EncoderDecoder, weights: Path, device: str = "cpu") -> None:
+    """Load safetensors weights into a model of the same architecture, names and shapes."""
+    missing, unexpected = safetensors.torch.load_model(model, str(weights), strict=False, device=device)
+    if missing or unexpected:
+        raise CheckpointError(f"{weights} does not match the {model.config.arch} config: missing {missing}, unexpected {unexpected}")
+
+
 def load_model(run_dir: Path | str, which: str = "best", device: str = "cpu") -> tuple[EncoderDecoder, Tokenizer, Config]:
     """Model (in eval mode), tokenizer and config of a run; `which` is best or last."""
     run_dir = Path(run_dir)
     config = read_config(run_dir)
-    weights = run_dir / "checkpoints" / which / "model.safetensors"
-    if not weights.is_file():
-        raise CheckpointError(f"no {which} checkpoint in {run_dir}")
+    weights = weights_path(run_dir, which)
     model = build_model(config.model)
-    missing, unexpected = safetensors.torch.load_model(model, str(weights), strict=False, device=device)
-    if missing or unexpected:
-        raise CheckpointError(f"{weights} does not match the {config.model.arch} config: missing {missing}, unexpected {unexpected}")
+    load_weights(model, weights, device)
     return model.to(device).eval(), Tokenizer(run_dir / "spm.model"), config

@@ -62,9 +62,24 @@ class TrainConfig:
     eval_sentences: int = 0  # dev sentences decoded for BLEU; 0 = the whole dev split
     patience: int = 5  # evaluations without dev BLEU improvement before stopping
     seed: int = 1
-    threads: int = 0  # torch intra-op threads on CPU; 0 = torch's default
+    threads: int = 0  # torch intra-op threads on CPU (per process); 0 = torch's default
     device: str = "auto"  # auto | cpu | cuda
-    amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    # bf16 autocast (weights, optimiser state and the loss stay fp32). auto: bf16 where the
+    # hardware multiplies bf16 natively (CUDA with bf16; CPUs with AMX or AVX512-BF16), else fp32.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    compile: bool = False  # torch.compile the training forward/backward (dynamic shapes)
+    log_every: int = 100  # steps between train-loss records (the only host syncs of the loop)
+    # Warm start: a run directory (its best checkpoint) or a .safetensors file whose weights
+    # initialise the model; a run directory also supplies its SentencePiece model.
+    init_from: str = ""
+    tokenizer: str = ""  # an existing spm.model to use instead of training one
+    extra_dev: list[str] = dataclasses.field(default_factory=list)  # more dev TSVs: BLEU logged, not used for stopping
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"unknown precision {self.precision!r}; choose from auto, fp32, bf16")
+        if self.log_every < 1 or self.eval_every < 1:
+            raise ValueError("log_every and eval_every must be at least 1")
 
 
 @dataclasses.dataclass
@@ -77,7 +92,13 @@ class Config:
         unknown = set(raw) - {"model", "train"}
         if unknown:
             raise ValueError(f"unknown config sections: {sorted(unknown)}")
-        return cls(model=_build(ModelConfig, raw.get("model", {})), train=_build(TrainConfig, raw.get("train", {})))
+        train = dict(raw.get("train", {}))
+        # Before `precision`, `amp = true` meant bf16 autocast on CUDA only; `amp = false`, fp32.
+        if "amp" in train:
+            amp = train.pop("amp")
+            if not amp:
+                train.setdefault("precision", "fp32")
+        return cls(model=_build(ModelConfig, raw.get("model", {})), train=_build(TrainConfig, train))
 
     @classmethod
     def load(cls, path: Path | str) -> "Config":

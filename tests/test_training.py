@@ -53,7 +53,7 @@ def toy_config(corpus: Path, out: Path, **model) -> Config:
     return Config(
         model=ModelConfig(**{**base, **model}),
         train=TrainConfig(data_dir=str(corpus), out_dir=str(out), max_tokens=600, lr=3e-3, warmup_steps=20,
-                          eval_every=100, max_steps=200, seed=3, threads=1, device="cpu"),
+                          eval_every=100, max_steps=200, seed=3, threads=1, device="cpu", precision="fp32"),
     )
 
 
