@@ -22,7 +22,7 @@ from attnserve.server.config import ServerConfig
 from attnserve.server.deadlines import NO_DEADLINE_BEYOND_S, deadline_in, timeout_until
 from attnserve.v1 import translator_pb2 as pb
 from attnserve.v1 import translator_pb2_grpc as pb_grpc
-from tests.test_server import SHIPPED, start
+from tests.test_server import shipped_repository, start
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,9 +33,7 @@ SHORT = 0.0005  # expires before any translation is done
 
 @pytest.fixture(scope="module")
 def channel(tmp_path_factory):
-    repository = tmp_path_factory.mktemp("repository")
-    (repository / "en-fr").mkdir()
-    (repository / "en-fr" / "1").symlink_to(SHIPPED)
+    repository = shipped_repository(tmp_path_factory)
     server, port = start(repository)
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         grpc.channel_ready_future(channel).result(timeout=30)

@@ -62,12 +62,17 @@ def requests_count(metrics: dict, rpc: str, code: str, model: str = "en-fr") -> 
     return metrics.get(("attnserve_requests_total", (("code", code), ("model", model), ("rpc", rpc))), 0.0)
 
 
-@pytest.fixture(scope="module")
-def repository(tmp_path_factory) -> Path:
+def shipped_repository(tmp_path_factory) -> Path:
+    """A model repository whose en-fr/1 is the shipped bundle (a symlink, nothing copied)."""
     repo = tmp_path_factory.mktemp("repository")
     (repo / "en-fr").mkdir()
     (repo / "en-fr" / "1").symlink_to(SHIPPED)
     return repo
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory) -> Path:
+    return shipped_repository(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import pytest
 
 from attnserve.v1 import translator_pb2 as pb
 from attnserve.v1 import translator_pb2_grpc as pb_grpc
-from tests.test_server import SHIPPED, start, wait_for
+from tests.test_server import shipped_repository, start, wait_for
 
 POOL = ["Open the file.", "Close the window.", "Settings", "The printer is out of paper.",
         "Could not connect to the server.", "Delete the selected items?", "Save changes before closing?",
@@ -38,9 +38,7 @@ class Tally:
 
 @pytest.fixture(scope="module")
 def stress_server(tmp_path_factory):
-    repository = tmp_path_factory.mktemp("repository")
-    (repository / "en-fr").mkdir()
-    (repository / "en-fr" / "1").symlink_to(SHIPPED)
+    repository = shipped_repository(tmp_path_factory)
     server, port = start(repository, max_queue=4096, stream_window=8)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     grpc.channel_ready_future(channel).result(timeout=30)

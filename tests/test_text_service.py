@@ -16,15 +16,13 @@ from attnserve.client import TranslatorClient
 from attnserve.server.text import Glossary, GlossaryEntry, TextFormat, TextItem
 from attnserve.server.text.markup import check_well_formed
 from attnserve.v1 import translator_pb2 as pb
-from tests.test_server import ROOT, SHIPPED, start
+from tests.test_server import ROOT, shipped_repository, start
 from tests.test_text_files import CATALOG
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    repository = tmp_path_factory.mktemp("repository")
-    (repository / "en-fr").mkdir()
-    (repository / "en-fr" / "1").symlink_to(SHIPPED)
+    repository = shipped_repository(tmp_path_factory)
     server, port = start(repository, max_sentences_per_request=200, metrics_port=0)
     client = TranslatorClient(f"127.0.0.1:{port}", timeout=120)
     client.wait_until_serving(120)
