@@ -329,7 +329,7 @@ class _Stream:
                 make = self.answers.get(timeout=0.1)
             except queue.Empty:
                 if self.deadline is not None and time.monotonic() > self.deadline:
-                    self.cancel_all()
+                    self.cancel_all(SchedulerError.EXPIRED)  # items answer DEADLINE_EXCEEDED, not CANCELLED
                 continue
             if make is None:
                 continue  # the reader finished: check again
@@ -402,14 +402,14 @@ class _Stream:
         self._answer(lambda: pb.TranslateStreamResponse(id=item_id, error=pb.Status(code=code.value[0], message=message),
                                                         model=model, version=version), job)
 
-    def cancel_all(self) -> None:
+    def cancel_all(self, reason: str = SchedulerError.CANCELLED) -> None:
         """Cancel every job still in flight, where it is queued (even on a retiring version).
         Cancelling calls on_error, which takes the lock: iterate over a copy, outside it."""
         with self._lock:
             jobs = list(self._in_flight)
         for job in jobs:
             if job.scheduler is not None:
-                job.scheduler.cancel(job)
+                job.scheduler.cancel(job, reason)
 
 
 class BearerTokenInterceptor(grpc.ServerInterceptor):

@@ -95,7 +95,7 @@ def _stream(stub, rng: random.Random, expected: dict, tally: Tally, stream_numbe
                 if reply.error.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0] and kind == "short-deadline":
                     tally.expired.append("item")
                 else:
-                    tally.wrong.append(f"stream item {reply.id}: error {reply.error.code} {reply.error.message}")
+                    tally.wrong.append(f"stream {kind} item {reply.id}: error {reply.error.code} {reply.error.message}")
             elif reply.id not in items or reply.translation.hypotheses[0].text != expected[beam, items[reply.id]]:
                 tally.wrong.append(f"stream item {reply.id}: {reply.translation.hypotheses[0].text!r}")
             else:
