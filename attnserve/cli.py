@@ -9,6 +9,10 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the subcommands import their implementation lazily
+    from attnserve.model.reserved import ReservedList
 
 log = logging.getLogger("attnserve")
 
@@ -63,7 +67,7 @@ def _data_harvest(args: argparse.Namespace) -> int:
     return 0 if report.harvested else 1
 
 
-def _reserved_list(args: argparse.Namespace) -> "ReservedList":
+def _reserved_list(args: argparse.Namespace) -> ReservedList:
     """The reserved-for-evaluation list: the default path may be absent (a checkout elsewhere),
     an explicit one must exist."""
     from attnserve.model.reserved import ReservedList, default_reserved_list

@@ -52,14 +52,5 @@ class ReservedList:
                 raise ReservedListError(f"{path}:{number}: expected 'package NAME' or 'catalog NAME', got {line!r}")
         return cls(frozenset(packages), frozenset(catalogs), str(path))
 
-    def is_reserved_catalog(self, file_name: str) -> bool:
-        """NAME.mo / NAME.po (or a bare domain) is reserved."""
-        stem = file_name.rsplit("/", 1)[-1]
-        for suffix in (".mo", ".po", ".page"):
-            if stem.endswith(suffix):
-                stem = stem[: -len(suffix)]
-                break
-        return stem in self.catalogs
-
     def summary(self) -> dict[str, object]:
         return {"path": self.path, "packages_listed": len(self.packages), "catalogs_listed": len(self.catalogs)}
