@@ -1,0 +1,127 @@
+"""The search over the public step interface alone: a toy DecoderStep in numpy (no onnxruntime,
+no bundle) is decoded greedily and with beams, sentences join and leave a running batch, and the
+engine's rooms stay apart (the search knows no onnxruntime, the runtime no search)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from attnserve.decoding_rules import SPECIAL_IDS, LengthLimit, length_normalised
+from attnserve.server.search import BeamBatch, DecoderStep, SearchItem, TranslationOptions, decode_together
+
+ROOT = Path(__file__).resolve().parent.parent
+VOCAB = 8
+BOS, EOS = SPECIAL_IDS.bos, SPECIAL_IDS.eos
+# Next-token log-probabilities by previous token: from BOS the best path is 5, 6, EOS.
+TABLE = np.log(np.full((VOCAB, VOCAB), 0.02, dtype=np.float32))
+for previous, best, second in ((BOS, 5, 6), (5, 6, EOS), (6, EOS, 7), (7, EOS, 5)):
+    TABLE[previous, best], TABLE[previous, second] = np.log(0.6), np.log(0.3)
+TABLE = TABLE - np.log(np.exp(TABLE).sum(1, keepdims=True))
+
+
+class ToyState:
+    """A SearchState with no tensors: rows only."""
+
+    def __init__(self, rows: int, width: int):
+        self.rows, self.source_width = rows, width
+        self.reorders = 0
+
+    def reorder(self, parent_rows: np.ndarray) -> None:
+        self.reorders += 1
+
+    def keep_rows(self, rows: np.ndarray, longest_source: int) -> None:
+        self.rows = len(rows)
+
+    def bound_cache(self, steps_needed: int) -> None:
+        pass
+
+
+class ToyStep:
+    """A DecoderStep whose next-token distribution depends on the previous token only."""
+
+    special_ids = SPECIAL_IDS
+    vocab_size = VOCAB
+    max_len = 32
+    default_length_limit = LengthLimit(2.0, 10)
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def start_state(self, source_ids: np.ndarray, copies: int) -> ToyState:
+        return ToyState(len(source_ids) * copies, source_ids.shape[1])
+
+    def join_state(self, state: ToyState, source_ids: np.ndarray, copies: int) -> None:
+        state.rows += len(source_ids) * copies
+        state.source_width = max(state.source_width, source_ids.shape[1])
+
+    def decode_step(self, state: ToyState, previous_tokens: np.ndarray, candidates: int, forced_tokens, want_alignment):
+        assert len(previous_tokens) == state.rows
+        self.steps += 1
+        log_probs = TABLE[previous_tokens]  # (rows, V)
+        order = np.argsort(-log_probs, axis=1, kind="stable")[:, :candidates]
+        forced = log_probs[np.arange(len(log_probs)), forced_tokens] if forced_tokens is not None else None
+        alignment = np.full((state.rows, state.source_width), 1.0 / state.source_width, dtype=np.float32) if want_alignment else None
+        return np.take_along_axis(log_probs, order, 1), order.astype(np.int64), forced, alignment
+
+
+def test_a_toy_step_satisfies_the_interface() -> None:
+    step: DecoderStep = ToyStep()  # structurally: nothing to inherit
+    assert step.special_ids.eos == EOS
+
+
+@pytest.mark.parametrize("beam", [1, 2, 3])
+def test_greedy_and_beam_search_over_a_toy_step(beam: int) -> None:
+    results = decode_together(ToyStep(), [[4, EOS], [4, 4, 4, EOS]], TranslationOptions(beam_size=beam, nbest=beam))
+    for hypotheses in results:
+        best = hypotheses[0]
+        assert best.tokens == [5, 6]
+        expected = float(TABLE[BOS, 5] + TABLE[5, 6] + TABLE[6, EOS])
+        assert best.score == pytest.approx(length_normalised(expected, 3, 1.0), abs=1e-5)
+        assert [h.score for h in hypotheses] == sorted((h.score for h in hypotheses), reverse=True)
+
+
+def test_min_length_prefix_and_alignment_over_a_toy_step() -> None:
+    opts = TranslationOptions(beam_size=2, min_length=4, return_alignment=True)
+    (hypotheses,) = decode_together(ToyStep(), [[4, 4, EOS]], opts, prefixes=[[7]])
+    best = hypotheses[0]
+    assert best.tokens[0] == 7 and len(best.tokens) >= 4
+    assert len(best.alignment) == len(best.tokens) + 1  # a row per token and the EOS
+    assert all(len(row) == 3 and sum(row) == pytest.approx(1.0) for row in best.alignment)
+
+
+def test_sentences_join_and_leave_a_running_toy_batch() -> None:
+    step = ToyStep()
+    batch = BeamBatch(step, 2)
+    batch.add([SearchItem([4, EOS], TranslationOptions(beam_size=2, min_length=6), None, "long")])
+    batch.step()
+    batch.add([SearchItem([4, 4, EOS], TranslationOptions(beam_size=2), None, "short")])
+    assert len(batch) == 2 and batch.longest_source == 3 and batch.source_tokens == 2 * (2 + 3)
+    assert [item.tag for item in batch.live_items()] == ["long", "short"]
+    done = {}
+    while len(batch):
+        done.update((item.tag, hyps) for item, hyps in batch.step())
+    assert done["short"][0].tokens == [5, 6] and len(done["long"][0].tokens) >= 6
+    assert batch.state is None and batch.longest_source == 0
+
+
+def _imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+    return found
+
+
+def test_the_engine_rooms_keep_to_themselves() -> None:
+    """search: no onnxruntime; state: no onnxruntime (OrtValues come through to_device); runtime:
+    no search; none of them imports the engine facade."""
+    rooms = {name: _imports(ROOT / "server" / f"{name}.py") for name in ("runtime", "state", "search")}
+    assert "onnxruntime" not in rooms["search"] and "onnxruntime" not in rooms["state"]
+    assert "attnserve.server.search" not in rooms["runtime"]
+    assert not any("attnserve.server.engine" in imports for imports in rooms.values())
