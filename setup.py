@@ -26,4 +26,7 @@ packages = [f"{package}.{sub}" if sub else package
             for package, folder in package_dir.items()
             for sub in ["", *find_packages(str(ROOT / folder))]]
 
-setup(package_dir=package_dir, packages=packages)
+# Data files that ship inside the packages (editable installs read them from the folders).
+package_data = {"attnserve.bench": ["*.tsv"]}
+
+setup(package_dir=package_dir, packages=packages, package_data=package_data)
