@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +14,7 @@ from attnserve.cli import main
 from attnserve.server.batch import BatchError, BatchTranslator, shard_range
 from attnserve.server.bundle import load_bundle
 from attnserve.server.engine import Engine, TranslationOptions
+from tests.interrupt import sigkill_after_lines
 from tests.test_training import toy_pair
 
 
@@ -89,12 +88,7 @@ def test_resume_after_sigkill_gives_every_line_exactly_once(engine: Engine, tmp_
     command = [sys.executable, "-m", "attnserve.cli", "translate", "--model", str(engine.bundle.path), str(source),
                "-o", str(output), "--beam", "1", "--chunk-lines", "50", "--threads", "1", "--quiet"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and (not partial.exists() or partial.read_bytes().count(b"\n") < 200):
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    sigkill_after_lines(command, env, partial, lines=200, timeout_s=120)
     done = partial.read_bytes().count(b"\n")
     assert 200 <= done < 1500 and not output.exists(), "the run was not interrupted mid-way"
     with open(partial, "ab") as f:  # a torn write, as a kill during write() leaves

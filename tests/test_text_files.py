@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import polib
@@ -17,6 +15,7 @@ import pytest
 from attnserve.server.text import TextFormat, TextItem, TextResult
 from attnserve.server.text.files import FileError, PoOptions, detect_format, translate_po, translate_text_file
 from attnserve.server.text.markup import check_well_formed
+from tests.interrupt import sigkill_after_lines
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "models" / "repository" / "en-fr" / "1"
@@ -189,12 +188,7 @@ def test_po_resume_after_sigkill_writes_every_entry_once(tmp_path: Path) -> None
     command = [sys.executable, "-m", "attnserve.cli", "translate", str(source), "-o", str(output), "--model", str(SHIPPED),
                "--threads", "1", "--beam", "1", "--chunk-lines", "10", "--device", "cpu"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and (not partial.exists() or partial.read_bytes().count(b"\n") < 4):
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    sigkill_after_lines(command, env, partial, lines=4, timeout_s=300)
     chunks_done = partial.read_bytes().count(b"\n") - 1
     assert 3 <= chunks_done < 15 and not output.exists(), "the run was not interrupted mid-way"
     with open(partial, "ab") as f:  # a torn write, as a kill during write() leaves
