@@ -376,7 +376,7 @@ class HttpGateway:
         if allow_form and content_type in ("application/x-www-form-urlencoded", ""):
             try:
                 text = body.decode("utf-8")
-                return dict(urllib.parse.parse_qsl(text, keep_blank_values=True, strict_parsing=bool(text),
+                return dict(urllib.parse.parse_qsl(text, keep_blank_values=True, strict_parsing=bool(text), errors="strict",
                                                    max_num_fields=1000))
             except (UnicodeDecodeError, ValueError) as exc:
                 return RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"Invalid form data: {exc}")
