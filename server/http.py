@@ -601,7 +601,10 @@ def _listen(host: str, port: int) -> socket.socket:
     """A listening socket on host:port ("[::]" is dual-stack IPv6 + IPv4, as for gRPC)."""
     address = host.strip("[]") or "::"
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets whose proto says TCP, and
+    # accepted sockets inherit proto 0 from socket(family, SOCK_STREAM). Without it, uvicorn's
+    # separate header and body writes meet Nagle and delayed ACKs: +40 ms on every response.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restart while old sockets linger in TIME_WAIT
     if family == socket.AF_INET6:

@@ -245,3 +245,22 @@ def test_sigterm_drains_http_and_loses_no_accepted_request() -> None:
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_responses_are_not_delayed_by_nagle(served) -> None:
+    """uvicorn writes headers and body separately: without TCP_NODELAY on accepted sockets each
+    keep-alive response waits ~40 ms for a delayed ACK."""
+    import http.client
+    import statistics
+    import time
+
+    _, http_port, _ = served
+    connection = http.client.HTTPConnection("127.0.0.1", http_port, timeout=10)
+    latencies = []
+    for _ in range(15):
+        started = time.perf_counter()
+        connection.request("GET", "/health")
+        assert connection.getresponse().read() == b'{"status":"ok"}'
+        latencies.append(time.perf_counter() - started)
+    connection.close()
+    assert statistics.median(latencies) < 0.02, latencies
