@@ -371,7 +371,7 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     from attnserve.server.config import add_arguments  # no torch, no onnxruntime: argparse only
 
     parser = subparsers.add_parser(
-        "serve", help="serve the model repository over gRPC (with no arguments: the shipped en-fr model)",
+        "serve", help="serve the model repository over gRPC, and HTTP/JSON with --http-port (with no arguments: the shipped en-fr model)",
         description="Every setting can come from a flag, an environment variable or a TOML "
                     "file (--config), in that order of precedence.")
     add_arguments(parser)
@@ -382,8 +382,8 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
     """`bench` and `bench-load` have their own parsers (main() hands them argv): listed for --help only."""
     subparsers.add_parser("bench", help="side-by-side decoding benchmark (torch, onnxruntime, CTranslate2); "
                           "see bench --help", add_help=False)
-    subparsers.add_parser("bench-load", help="gRPC load benchmark: concurrent clients, batching on/off, vs the offline "
-                          "engine; see bench-load --help", add_help=False)
+    subparsers.add_parser("bench-load", help="load benchmark (gRPC, or HTTP with --transports): concurrent clients, "
+                          "batching on/off, vs the offline engine; see bench-load --help", add_help=False)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,6 +1,8 @@
-"""Load benchmark of the gRPC server against the offline engine, on the same sentences.
+"""Load benchmark of the gRPC server (and its HTTP/JSON gateway) against the offline engine, on
+the same sentences.
 
     attnserve bench-load --clients 1 8 32 --sentences 400
+    attnserve bench-load --transports grpc http --modes on      # gRPC next to HTTP /v1/translate
 
 C concurrent clients (each its own channel, one sentence per request, the next request as soon
 as the answer comes: a closed loop) against `attnserve serve` in a subprocess, with batching on
@@ -10,7 +12,9 @@ length-sorted batches in this process, with the same threads and beam. Prints a
 Markdown table and writes JSON; ratios are computed within this one run.
 
 The clients run in this process on grpc.aio (one thread, no per-client threads), so on a small
-machine they share its cores with the server: the numbers are for the whole box.
+machine they share its cores with the server: the numbers are for the whole box. Over HTTP
+(--transports http) each client keeps one HTTP/1.1 connection alive and POSTs the same request
+to /v1/translate as JSON, on a minimal asyncio client (no client library's overhead measured).
 """
 
 from __future__ import annotations
@@ -79,23 +83,70 @@ async def _drive(port: int, sentences: list[str], clients: int, beam: int) -> di
             "p50_ms": round(1000 * statistics.median(latencies), 1), "p99_ms": round(1000 * _percentile(latencies, 0.99), 1)}
 
 
+async def _drive_http(port: int, sentences: list[str], clients: int, beam: int) -> dict[str, Any]:
+    """As _drive, over HTTP: each client one keep-alive connection, POST /v1/translate."""
+    next_index = 0
+    latencies: list[float] = []
+
+    async def client() -> None:
+        nonlocal next_index
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            while next_index < len(sentences):
+                sentence = sentences[next_index]
+                next_index += 1
+                body = json.dumps({"sentences": [sentence], "options": {"beamSize": beam}}).encode()
+                started = time.perf_counter()
+                writer.write(b"POST /v1/translate HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+                await writer.drain()
+                status = (await reader.readline()).split(b" ", 2)
+                length = 0
+                while (line := await reader.readline()) not in (b"\r\n", b""):
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                answer = await reader.readexactly(length)
+                if status[1] != b"200":
+                    raise RuntimeError(f"HTTP {status[1].decode()}: {answer[:200]!r}")
+                latencies.append(time.perf_counter() - started)
+        finally:
+            writer.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    elapsed = time.perf_counter() - started
+    return {"clients": clients, "sentences": len(sentences), "seconds": round(elapsed, 3),
+            "sentences_per_s": round(len(sentences) / elapsed, 2),
+            "p50_ms": round(1000 * statistics.median(latencies), 1), "p99_ms": round(1000 * _percentile(latencies, 0.99), 1)}
+
+
 def run_server(mode: str, repository: Path, threads: int, sentences: list[str], clients: list[int], beam: int,
-               warmup: int) -> list[dict[str, Any]]:
-    port = _free_port()
+               warmup: int, transport: str = "grpc") -> list[dict[str, Any]]:
+    port, http_port = _free_port(), _free_port()
     command = [sys.executable, "-m", "attnserve.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
                "--metrics-port", "0", "--threads", str(threads), "--model-repository", str(repository),
                "--default-beam-size", str(beam), "--poll-seconds", "0", "--log-level", "WARNING"]
+    if transport == "http":
+        command += ["--http-port", str(http_port), "--http-timeout", "0"]
     if mode == "off":
         command += ["--max-batch-sentences", "1"]
     process = subprocess.Popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def drive(batch: list[str], count: int) -> dict[str, Any]:
+        if transport == "http":
+            return asyncio.run(_drive_http(http_port, batch, count, beam))
+        return asyncio.run(_drive(port, batch, count, beam))
+
     try:
         with TranslatorClient(f"127.0.0.1:{port}") as client:
             client.wait_until_serving(120)
-        asyncio.run(_drive(port, sentences[:warmup], max(clients), beam))  # warm-up
+        drive(sentences[:warmup], max(clients))  # warm-up
         rows = []
         for count in clients:
-            row = asyncio.run(_drive(port, sentences, count, beam))
+            row = drive(sentences, count)
             row["mode"] = f"server, batching {mode}"
+            row["transport"] = transport
             log.info("%s", row)
             rows.append(row)
         return rows
@@ -185,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="onnxruntime threads (server and offline)")
     parser.add_argument("--modes", nargs="+", default=["on", "off"], choices=["on", "off", "scheduler"],
                         help="on/off: the server with batching on/off; scheduler: batching in-process, no gRPC")
+    parser.add_argument("--transports", nargs="+", default=["grpc"], choices=["grpc", "http"],
+                        help="server transports: gRPC Translate, and/or HTTP POST /v1/translate (JSON)")
     parser.add_argument("--repeat", type=int, default=3, help="run everything this many times; report the median "
                         "of each row (these machines are noisy)")
     parser.add_argument("--out", type=Path, default=Path("build/bench-load.json"))
@@ -202,17 +255,19 @@ def main(argv: list[str] | None = None) -> int:
             if mode == "scheduler":
                 rows += run_scheduler(args.repository, args.model, args.threads, sentences, args.clients, args.beam)
             else:
-                rows += run_server(mode, args.repository, args.threads, sentences, args.clients, args.beam, warmup=64)
+                for transport in args.transports:
+                    rows += run_server(mode, args.repository, args.threads, sentences, args.clients, args.beam, warmup=64,
+                                       transport=transport)
         runs.append(rows)
     rows = [_median_row([run[i] for run in runs]) for i in range(len(runs[0]))]
     offline = rows[0]["sentences_per_s"]
-    by_key = {(r["mode"], r["clients"]): r for r in rows}
-    lines = ["| mode | clients | sentences/s | p50 ms | p99 ms | vs offline | vs batching off |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    by_key = {(r["mode"], r.get("transport", ""), r["clients"]): r for r in rows}
+    lines = ["| mode | transport | clients | sentences/s | p50 ms | p99 ms | vs offline | vs batching off |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        off = by_key.get(("server, batching off", r["clients"]))
+        off = by_key.get(("server, batching off", r.get("transport", ""), r["clients"]))
         vs_off = f"{r['sentences_per_s'] / off['sentences_per_s']:.2f}x" if off and r["clients"] else ""
-        lines.append(f"| {r['mode']} | {r['clients'] or '-'} | {r['sentences_per_s']} | {r['p50_ms'] or '-'} | "
+        lines.append(f"| {r['mode']} | {r.get('transport', '-')} | {r['clients'] or '-'} | {r['sentences_per_s']} | {r['p50_ms'] or '-'} | "
                      f"{r['p99_ms'] or '-'} | {r['sentences_per_s'] / offline:.0%} | {vs_off} |")
     table = "\n".join(lines)
     print(table)

@@ -32,6 +32,7 @@ DURATION_BOUNDS = (
     ("poll_seconds", 0.0, 7 * 24 * 3600.0, "s"),
     ("grace_period", 0.0, 3600.0, "s"),
     ("max_connection_age", 1.0, 24 * 24 * 3600.0, "s"),
+    ("http_timeout", 0.0, 3600.0, "s"),
 )
 
 
@@ -42,6 +43,10 @@ class ServerConfig:
     host: str = _knob("[::]", "address to listen on")
     port: int = _knob(50051, "gRPC port (0: pick a free one)")
     metrics_port: int = _knob(9464, "Prometheus metrics port, served at /metrics (0: no metrics server)")
+    http_port: int = _knob(0, "HTTP/JSON gateway port: LibreTranslate API, /v1 JSON API, playground at / (0: off)")
+    http_cors_origins: str = _knob("", "origins allowed to call the HTTP API from browsers, comma-separated ('*': any; "
+                                       "empty: no CORS headers)")
+    http_timeout: float = _knob(60.0, "deadline in seconds of HTTP requests that set no Request-Timeout header (0: none)")
     device: str = _knob("auto", "execution provider: cuda where a GPU is present (auto), or force one", ["auto", "cpu", "cuda"])
     precision: str = _knob("auto", "graphs to load: auto = fp16 on CUDA when the bundle has it, else fp32",
                            ["auto", "fp32", "fp16", "int8"])
@@ -54,7 +59,8 @@ class ServerConfig:
     max_queue: int = _knob(4096, "most sentences waiting for a batch; beyond it requests get RESOURCE_EXHAUSTED")
     max_sentences_per_request: int = _knob(256, "most sentences in one Translate request")
     max_tokens_per_sentence: int = _knob(256, "most source subword tokens in one sentence")
-    max_message_bytes: int = _knob(4 * 1024 * 1024, "largest gRPC message received or sent")
+    max_characters_per_request: int = _knob(100_000, "most characters of text in one request (all its sentences)")
+    max_message_bytes: int = _knob(4 * 1024 * 1024, "largest gRPC message or HTTP request body received (or sent)")
     stream_window: int = _knob(128, "most items of one TranslateStream in flight; beyond, the server stops reading "
                                     "the stream until results go out (HTTP/2 flow control holds the client)")
     default_beam_size: int = _knob(4, "beam size of requests that ask for none")
@@ -67,16 +73,19 @@ class ServerConfig:
     tls_key: str = _knob("", "PEM private key file")
     auth_token: str = _knob("", "bearer token Translator RPCs must carry (health checks stay open); prefer the env variable")
     auth_token_file: str = _knob("", "file holding the bearer token (e.g. a mounted Secret)")
+    api_keys_file: str = _knob("", "file of more client keys, `key [requests_per_minute]` per line (server/auth.py); "
+                                   "gRPC: bearer token, HTTP: bearer token or LibreTranslate api_key")
+    rate_limit_per_minute: int = _knob(0, "requests a minute per client key, for keys without their own limit (0: none)")
     log_level: str = _knob("INFO", "logging level", ["DEBUG", "INFO", "WARNING", "ERROR"])
 
     def validate(self) -> None:
         problems = []
         for name in ("max_batch_tokens", "max_batch_sentences", "max_queue", "max_sentences_per_request",
-                     "max_tokens_per_sentence", "max_message_bytes", "default_beam_size", "max_beam_size", "workers",
+                     "max_tokens_per_sentence", "max_characters_per_request", "max_message_bytes", "default_beam_size", "max_beam_size", "workers",
                      "stream_window"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1")
-        for name in ("port", "metrics_port"):
+        for name in ("port", "metrics_port", "http_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 problems.append(f"{name} must be a port number")
         # Durations end up in Event.wait, in monotonic-clock sums and in gRPC's int32 millisecond
@@ -86,6 +95,8 @@ class ServerConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and low <= value <= high):
                 problems.append(f"{name} must be in [{low:g}, {high:g}] {unit}, got {value!r}")
+        if self.rate_limit_per_minute < 0:
+            problems.append("rate_limit_per_minute must be >= 0")
         if self.instances < 0 or self.threads < 0:
             problems.append("instances and threads must be >= 0")
         if bool(self.tls_cert) != bool(self.tls_key):

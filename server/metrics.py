@@ -39,6 +39,8 @@ class Metrics:
         self.sentences = Counter("attnserve_sentences", "sentences translated", ["model"], registry=r)
         self.generated_tokens = Counter("attnserve_generated_tokens", "target tokens generated (best hypotheses)",
                                         ["model"], registry=r)
+        self.http_responses = Counter("attnserve_http_responses", "HTTP gateway responses, by route and HTTP status",
+                                      ["route", "status"], registry=r)
         self.inflight = Gauge("attnserve_inflight_requests", "RPCs being handled", registry=r)
         self.queue_depth = Gauge("attnserve_queue_depth", "sentences waiting for a batch", ["model"], registry=r)
         self.model_info = Gauge("attnserve_model_info", "1 for each model version being served",

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hmac
 import logging
 import queue
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
+from typing import TYPE_CHECKING, Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -29,6 +29,7 @@ from grpc_reflection.v1alpha import reflection
 
 from attnserve.v1 import translator_pb2 as pb
 from attnserve.v1 import translator_pb2_grpc as pb_grpc
+from attnserve.server.auth import ClientKeys
 from attnserve.server.config import ServerConfig
 from attnserve.server.deadlines import deadline_in, timeout_until
 from attnserve.server.engine import Hypothesis, TranslationOptions
@@ -37,6 +38,9 @@ from attnserve.server.repository import EngineConfig, ModelNotFound, ModelReposi
 from attnserve.server.scheduler import BatchingConfig, Job, SchedulerError
 from attnserve.server.text import (Glossary, GlossaryEntry, GlossaryError, PipelineConfig, TextError, TextFormat, TextItem,
                                    TextPipeline)
+
+if TYPE_CHECKING:
+    from attnserve.server.http import HttpGateway
 
 log = logging.getLogger(__name__)
 
@@ -56,58 +60,145 @@ SCHEDULER_CODES = {
 
 
 class RequestError(Exception):
-    """A request (or stream item) refused with this status code."""
+    """A request (or stream item) refused with this status code. The codes are gRPC's (the
+    google.rpc.Code set), whatever the transport: the HTTP gateway maps them to HTTP statuses.
+    `reason` refines a code where a transport answers differently (an HTTP client with a missing
+    key gets 400 from the LibreTranslate API, one with a wrong key 403)."""
 
-    def __init__(self, code: grpc.StatusCode, message: str):
+    def __init__(self, code: grpc.StatusCode, message: str, reason: str = "", retry_after: float = 0.0):
         super().__init__(message)
         self.code = code
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+class CallContext(Protocol):
+    """What the service layer needs of a call, whatever the transport: grpc.ServicerContext has
+    these methods, and the HTTP gateway has its own implementation (server/http.py)."""
+
+    def time_remaining(self) -> float | None: ...
+
+    def add_callback(self, callback: Callable[[], None]) -> bool: ...
+
+    def is_active(self) -> bool: ...
 
 
 class _Call:
-    """What the metrics need to know about one RPC."""
+    """What the metrics need to know about one call."""
 
     def __init__(self) -> None:
         self.model = ""
         self.code = grpc.StatusCode.OK
 
 
-class TranslatorServicer(pb_grpc.TranslatorServicer):
+class TranslationService:
+    """The one service layer of every transport: request validation, limits, client keys and
+    rate limits, deadlines, metrics, and the translation itself (scheduler jobs, the text
+    pipeline). gRPC (TranslatorServicer) and HTTP (server/http.py) only convert wire formats and
+    map RequestError to their status codes."""
+
     def __init__(self, config: ServerConfig, repository: ModelRepository, metrics: Metrics):
         self.config, self.repository, self.metrics = config, repository, metrics
+        self.keys = ClientKeys.from_config(config.token(), config.api_keys_file, config.rate_limit_per_minute)
         self.draining = threading.Event()
         self._pipelines: dict[int, tuple[ModelVersion, TextPipeline]] = {}  # per model version
         self._pipelines_lock = threading.Lock()
 
-    # -- RPCs ------------------------------------------------------------------------------------
+    # -- calls -----------------------------------------------------------------------------------
 
-    def Translate(self, request: pb.TranslateRequest, context: grpc.ServicerContext) -> pb.TranslateResponse:
-        with self._rpc("Translate", context) as call:
-            model = self._model(request.model, request.version)
-            call.model = model.name
-            if len(request.sentences) > self.config.max_sentences_per_request:
-                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                                   f"{len(request.sentences)} sentences in one request; the limit is "
-                                   f"max_sentences_per_request={self.config.max_sentences_per_request}")
-            opts = self._options(request.options, model)
-            if request.options.text_format:  # the text pipeline: documents, markup, placeholders
-                return self._translate_text(request, model, opts, context)
-            sources = [self._encode(model, text, f"sentence {i}") for i, text in enumerate(request.sentences)]
-            response = pb.TranslateResponse(model=model.name, version=model.version)
-            if not sources:
-                return response
-            job = Job(sources, opts, self._deadline(context))
-            self._submit(model, job)
-            context.add_callback(lambda: job.scheduler.cancel(job))  # client gone: stop its work
-            if not job.wait(timeout_until(job.deadline)):
-                job.scheduler.cancel(job, SchedulerError.EXPIRED)
-            if job.error is not None:
-                raise RequestError(SCHEDULER_CODES[job.error.reason], str(job.error))
-            for source, hypotheses in zip(sources, job.results):
-                response.translations.append(self._translation(model, source, hypotheses, opts))
+    @contextlib.contextmanager
+    def call(self, rpc: str, context: CallContext) -> Iterator[_Call]:
+        """Counts and times one call, refuses it while draining; RequestError goes out with its
+        code, anything unexpected becomes INTERNAL (logged): the server goes on either way."""
+        call = _Call()
+        started = time.monotonic()
+        self.metrics.inflight.inc()
+        try:
+            if self.draining.is_set():
+                raise RequestError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another replica")
+            yield call
+        except RequestError as exc:
+            call.code = exc.code
+            raise
+        except GeneratorExit:
+            call.code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as exc:
+            call.code = grpc.StatusCode.INTERNAL
+            log.exception("%s failed", rpc)
+            raise RequestError(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}") from exc
+        finally:
+            if call.code == grpc.StatusCode.OK and not context.is_active():
+                call.code = grpc.StatusCode.CANCELLED
+            self.metrics.inflight.dec()
+            self.record(rpc, call.model, call.code)
+            self.metrics.request_latency.labels(rpc).observe(time.monotonic() - started)
+
+    def record(self, rpc: str, model: str, code: grpc.StatusCode) -> None:
+        self.metrics.requests.labels(rpc, model, code.name).inc()
+
+    def authorize(self, credential: str | None) -> str | None:
+        """The client key `credential` matches (None when the server needs none); refuses a
+        missing or unknown key (UNAUTHENTICATED) and a key over its rate (RESOURCE_EXHAUSTED)."""
+        if not self.keys.required:
+            return None
+        if not credential:
+            raise RequestError(grpc.StatusCode.UNAUTHENTICATED, "a client key is required (authorization: Bearer <key>, "
+                               "or api_key for the LibreTranslate API)", reason="missing_key")
+        key = self.keys.match(credential)
+        if key is None:
+            raise RequestError(grpc.StatusCode.UNAUTHENTICATED, "invalid client key", reason="bad_key")
+        wait = self.keys.take(key)
+        if wait:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"rate limit of {self.keys.limit_of(key)} requests per minute reached; retry in {wait:.1f} s",
+                               reason="rate_limited", retry_after=wait)
+        return key
+
+    # -- translation -----------------------------------------------------------------------------
+
+    def translate(self, request: pb.TranslateRequest, context: CallContext, call: _Call) -> pb.TranslateResponse:
+        model = self.model(request.model, request.version)
+        call.model = model.name
+        self.check_texts(request.sentences)
+        opts = self.options(request.options, model)
+        if request.options.text_format:  # the text pipeline: documents, markup, placeholders
+            return self._translate_text(request, model, opts, context)
+        sources = [self.encode(model, text, f"sentence {i}") for i, text in enumerate(request.sentences)]
+        response = pb.TranslateResponse(model=model.name, version=model.version)
+        if not sources:
             return response
+        job = Job(sources, opts, self.deadline(context))
+        self.submit(model, job)
+        context.add_callback(lambda: job.scheduler.cancel(job))  # client gone: stop its work
+        if not job.wait(timeout_until(job.deadline)):
+            job.scheduler.cancel(job, SchedulerError.EXPIRED)
+        if job.error is not None:
+            raise RequestError(SCHEDULER_CODES[job.error.reason], str(job.error))
+        for source, hypotheses in zip(sources, job.results):
+            response.translations.append(self.translation(model, source, hypotheses, opts))
+        return response
+
+    def check_texts(self, texts: Sequence[str]) -> None:
+        """The request-wide limits on texts: how many, how many characters, valid Unicode."""
+        if len(texts) > self.config.max_sentences_per_request:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"{len(texts)} sentences in one request; the limit is "
+                               f"max_sentences_per_request={self.config.max_sentences_per_request}")
+        characters = sum(len(text) for text in texts)
+        if characters > self.config.max_characters_per_request:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"request ({characters} characters) exceeds the text limit "
+                               f"max_characters_per_request={self.config.max_characters_per_request}")
+        for i, text in enumerate(texts):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate (JSON "\ud800"): no UTF-8, no tokens
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"sentence {i} is not valid Unicode (a lone surrogate code point)") from None
 
     def _translate_text(self, request: pb.TranslateRequest, model: ModelVersion, opts: TranslationOptions,
-                        context: grpc.ServicerContext) -> pb.TranslateResponse:
+                        context: CallContext) -> pb.TranslateResponse:
         """Translate through attnserve.server.text: prepare (INVALID_ARGUMENT naming the item),
         one scheduler job for every sentence of every item, finish."""
         if request.options.text_format not in TEXT_FORMATS:
@@ -123,11 +214,11 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
         except GlossaryError as exc:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"options: {exc}") from None
         opts.return_alignment, opts.nbest = True, 1  # the pipeline projects through the alignment
-        sources = [self._encode(model, text, f"a sentence of item {i}") for i, text in enumerate(plan.sources)]
+        sources = [self.encode(model, text, f"a sentence of item {i}") for i, text in enumerate(plan.sources)]
         hypotheses = []
         if sources:
-            job = Job(sources, opts, self._deadline(context))
-            self._submit(model, job)
+            job = Job(sources, opts, self.deadline(context))
+            self.submit(model, job)
             context.add_callback(lambda: job.scheduler.cancel(job))
             if not job.wait(timeout_until(job.deadline)):
                 job.scheduler.cancel(job, SchedulerError.EXPIRED)
@@ -158,65 +249,35 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
         return TextPipeline(pipeline[1].tokenizer, dataclasses.replace(pipeline[1].config, low_confidence=low),
                             pipeline[1].glossary)
 
-    def TranslateStream(self, request_iterator: Iterator[pb.TranslateStreamRequest],
-                        context: grpc.ServicerContext) -> Iterator[pb.TranslateStreamResponse]:
-        with self._rpc("TranslateStream", context) as call:
-            yield from _Stream(self, request_iterator, context, call).responses()
+    def list_models(self) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=[self.info(v) for v in self.repository.versions()])
 
-    def ListModels(self, request: pb.ListModelsRequest, context: grpc.ServicerContext) -> pb.ListModelsResponse:
-        with self._rpc("ListModels", context):
-            return pb.ListModelsResponse(models=[self._info(v) for v in self.repository.versions()])
+    def get_model(self, request: pb.GetModelRequest, call: _Call) -> pb.ModelInfo:
+        name = request.name or self.config.default_model
+        call.model = name if name in self.repository.model_names() else ""  # no metric label from a client's string
+        versions = [v for v in self.repository.versions() if v.name == name]
+        if request.version:
+            versions = [v for v in versions if v.version == request.version]
+        if not versions:
+            what = f"model {name!r}" + (f" version {request.version!r}" if request.version else "")
+            raise RequestError(grpc.StatusCode.NOT_FOUND, f"no {what} in the repository")
+        ready = [v for v in versions if v.state == "READY"]
+        return self.info(max(ready or versions, key=lambda v: v.number))
 
-    def GetModel(self, request: pb.GetModelRequest, context: grpc.ServicerContext) -> pb.ModelInfo:
-        with self._rpc("GetModel", context) as call:
-            name = request.name or self.config.default_model
-            call.model = name
-            versions = [v for v in self.repository.versions() if v.name == name]
-            if request.version:
-                versions = [v for v in versions if v.version == request.version]
-            if not versions:
-                what = f"model {name!r}" + (f" version {request.version!r}" if request.version else "")
-                raise RequestError(grpc.StatusCode.NOT_FOUND, f"no {what} in the repository")
-            ready = [v for v in versions if v.state == "READY"]
-            return self._info(max(ready or versions, key=lambda v: v.number))
+    def ready(self, model: str = "") -> bool:
+        """What the readiness probes report: not draining and the model (default: the default
+        model) ready."""
+        return not self.draining.is_set() and self.repository.ready(model or self.config.default_model)
 
     # -- helpers ---------------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _rpc(self, rpc: str, context: grpc.ServicerContext):
-        """Counts, times and answers one RPC: RequestError becomes its status code, anything
-        unexpected INTERNAL (logged); the server goes on either way."""
-        call = _Call()
-        started = time.monotonic()
-        self.metrics.inflight.inc()
-        try:
-            if self.draining.is_set():
-                raise RequestError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another replica")
-            yield call
-        except RequestError as exc:
-            call.code = exc.code
-            context.abort(exc.code, str(exc))
-        except GeneratorExit:
-            call.code = grpc.StatusCode.CANCELLED
-            raise
-        except Exception as exc:
-            call.code = grpc.StatusCode.INTERNAL
-            log.exception("%s failed", rpc)
-            context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
-        finally:
-            if call.code == grpc.StatusCode.OK and not context.is_active():
-                call.code = grpc.StatusCode.CANCELLED
-            self.metrics.inflight.dec()
-            self.metrics.requests.labels(rpc, call.model, call.code.name).inc()
-            self.metrics.request_latency.labels(rpc).observe(time.monotonic() - started)
-
-    def _model(self, name: str, version: str) -> ModelVersion:
+    def model(self, name: str, version: str) -> ModelVersion:
         try:
             return self.repository.get(name or self.config.default_model, version)
         except ModelNotFound as exc:
             raise RequestError(grpc.StatusCode.NOT_FOUND, str(exc)) from None
 
-    def _options(self, options: pb.TranslationOptions, model: ModelVersion) -> TranslationOptions:
+    def options(self, options: pb.TranslationOptions, model: ModelVersion) -> TranslationOptions:
         beam = options.beam_size or self.config.default_beam_size
         if beam > self.config.max_beam_size:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
@@ -234,7 +295,7 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
             opts.max_len_a, opts.max_len_b = 0.0, min(options.max_length, model.engine.max_len - 1)
         return opts
 
-    def _encode(self, model: ModelVersion, text: str, what: str) -> list[int]:
+    def encode(self, model: ModelVersion, text: str, what: str) -> list[int]:
         engine = model.engine
         ids = engine.tokenizer.encode(text)
         limit = min(self.config.max_tokens_per_sentence, engine.max_len - 1)
@@ -243,11 +304,11 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
                                f"{what} has {len(ids)} subword tokens; the limit is max_tokens_per_sentence={limit}")
         return ids + [engine.eos]
 
-    def _deadline(self, context: grpc.ServicerContext) -> float | None:
-        # No deadline is a huge time_remaining(), not None: deadline_in makes it None.
+    def deadline(self, context: CallContext) -> float | None:
+        # No deadline is a huge time_remaining() in gRPC, not None: deadline_in makes it None.
         return deadline_in(context.time_remaining())
 
-    def _submit(self, model: ModelVersion, job: Job) -> None:
+    def submit(self, model: ModelVersion, job: Job) -> None:
         if job.deadline is not None and time.monotonic() >= job.deadline:
             raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the request was queued")
         scheduler = model.scheduler
@@ -258,8 +319,8 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
         except SchedulerError as exc:
             raise RequestError(SCHEDULER_CODES[exc.reason], str(exc)) from None
 
-    def _translation(self, model: ModelVersion, source: list[int], hypotheses: list[Hypothesis],
-                     opts: TranslationOptions) -> pb.Translation:
+    def translation(self, model: ModelVersion, source: list[int], hypotheses: list[Hypothesis],
+                    opts: TranslationOptions) -> pb.Translation:
         tokenizer = model.engine.tokenizer if model.engine is not None else None
         translation = pb.Translation()
         texts = tokenizer.decode([h.tokens for h in hypotheses]) if tokenizer is not None else ["" for _ in hypotheses]
@@ -274,7 +335,7 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
             translation.source_tokens.extend([tokenizer.id_to_piece(t) for t in source[:-1]] + ["</s>"])
         return translation
 
-    def _info(self, version: ModelVersion) -> pb.ModelInfo:
+    def info(self, version: ModelVersion) -> pb.ModelInfo:
         info = pb.ModelInfo(name=version.name, version=version.version, state=STATES[version.state],
                             state_reason=version.reason, is_default=version.name == self.config.default_model)
         manifest = version.bundle.manifest if version.bundle is not None else None
@@ -291,6 +352,42 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
         return info
 
 
+class TranslatorServicer(pb_grpc.TranslatorServicer):
+    """attnserve.v1.Translator over gRPC: the service layer, with RequestError as the status."""
+
+    def __init__(self, service: TranslationService):
+        self.service = service
+
+    @property
+    def draining(self) -> threading.Event:
+        return self.service.draining
+
+    def Translate(self, request: pb.TranslateRequest, context: grpc.ServicerContext) -> pb.TranslateResponse:
+        with self._rpc("Translate", context) as call:
+            return self.service.translate(request, context, call)
+
+    def TranslateStream(self, request_iterator: Iterator[pb.TranslateStreamRequest],
+                        context: grpc.ServicerContext) -> Iterator[pb.TranslateStreamResponse]:
+        with self._rpc("TranslateStream", context) as call:
+            yield from _Stream(self.service, request_iterator, context, call).responses()
+
+    def ListModels(self, request: pb.ListModelsRequest, context: grpc.ServicerContext) -> pb.ListModelsResponse:
+        with self._rpc("ListModels", context):
+            return self.service.list_models()
+
+    def GetModel(self, request: pb.GetModelRequest, context: grpc.ServicerContext) -> pb.ModelInfo:
+        with self._rpc("GetModel", context) as call:
+            return self.service.get_model(request, call)
+
+    @contextlib.contextmanager
+    def _rpc(self, rpc: str, context: grpc.ServicerContext):
+        try:
+            with self.service.call(rpc, context) as call:
+                yield call
+        except RequestError as exc:
+            context.abort(exc.code, str(exc))
+
+
 class _Stream:
     """One TranslateStream call. A reader thread takes items as they come and queues their
     jobs; `responses()`, in the handler thread, sends each result the moment the scheduler
@@ -304,13 +401,13 @@ class _Stream:
     `_lock` guards the counts and the in-flight set; the answer queue and the window semaphore
     are thread-safe themselves."""
 
-    def __init__(self, servicer: TranslatorServicer, items: Iterator[pb.TranslateStreamRequest],
+    def __init__(self, service: TranslationService, items: Iterator[pb.TranslateStreamRequest],
                  context: grpc.ServicerContext, call: _Call):
-        self.servicer, self.items, self.context, self.call = servicer, items, context, call
-        self.deadline = servicer._deadline(context)
+        self.service, self.items, self.context, self.call = service, items, context, call
+        self.deadline = service.deadline(context)
         # Responses are built by the handler thread (from these thunks), not the scheduler's.
         self.answers: queue.Queue[Callable[[], pb.TranslateStreamResponse] | None] = queue.Queue()
-        self.window = threading.Semaphore(servicer.config.stream_window)
+        self.window = threading.Semaphore(service.config.stream_window)
         self.reader_done = threading.Event()
         self._lock = threading.Lock()
         self._items_read = 0
@@ -362,19 +459,20 @@ class _Stream:
             self.answers.put(None)  # wake the handler
 
     def _start(self, item: pb.TranslateStreamRequest) -> None:
-        servicer = self.servicer
+        service = self.service
         try:
-            model = servicer._model(item.model, item.version)
+            model = service.model(item.model, item.version)
             self.call.model = self.call.model or model.name
-            opts = servicer._options(item.options, model)
-            source = servicer._encode(model, item.sentence, f"item {item.id!r}")
+            service.check_texts([item.sentence])
+            opts = service.options(item.options, model)
+            source = service.encode(model, item.sentence, f"item {item.id!r}")
         except RequestError as exc:
             self._error(item.id, exc.code, str(exc))
             return
 
         def on_result(_index: int, hypotheses: list[Hypothesis]) -> None:
             self._answer(lambda: pb.TranslateStreamResponse(
-                id=item.id, translation=servicer._translation(model, source, hypotheses, opts),
+                id=item.id, translation=service.translation(model, source, hypotheses, opts),
                 model=model.name, version=model.version), job)
 
         def on_error(exc: SchedulerError) -> None:
@@ -384,7 +482,7 @@ class _Stream:
         with self._lock:
             self._in_flight.add(job)
         try:
-            servicer._submit(model, job)
+            service.submit(model, job)
         except RequestError as exc:
             self._error(item.id, exc.code, str(exc), model.name, model.version, job)
 
@@ -413,29 +511,33 @@ class _Stream:
 
 
 class BearerTokenInterceptor(grpc.ServerInterceptor):
-    """Requires `authorization: Bearer <token>` on every RPC except health checks (Kubernetes
-    probes carry no credentials)."""
+    """Requires `authorization: Bearer <key>` (a key the service accepts, within its rate
+    limit) on every RPC except health checks (Kubernetes probes carry no credentials)."""
 
-    def __init__(self, token: str, metrics: Metrics):
-        self.expected = f"Bearer {token}".encode()
-        self.metrics = metrics
+    def __init__(self, service: TranslationService):
+        self.service = service
 
     def intercept_service(self, continuation, handler_call_details):
         if handler_call_details.method.startswith(HEALTH_METHOD_PREFIX):
             return continuation(handler_call_details)
         metadata = dict(handler_call_details.invocation_metadata or ())
         given = metadata.get("authorization", "")
-        if hmac.compare_digest(given.encode() if isinstance(given, str) else given, self.expected):
+        given = given.decode("utf-8", "replace") if isinstance(given, bytes) else given
+        try:
+            self.service.authorize(bearer_credential(given))
             return continuation(handler_call_details)
+        except RequestError as exc:
+            refusal = exc
         handler = continuation(handler_call_details)
         if handler is None:
             return None  # no such method: UNIMPLEMENTED (and no metric label from a client's string)
         rpc = handler_call_details.method.rsplit("/", 1)[-1]
-        self.metrics.requests.labels(rpc, "", grpc.StatusCode.UNAUTHENTICATED.name).inc()
-        message = "missing or wrong bearer token (metadata 'authorization: Bearer <token>')"
+        self.service.record(rpc, "", refusal.code)
+        message = (f"{refusal} (metadata 'authorization: Bearer <token>')"
+                   if refusal.code == grpc.StatusCode.UNAUTHENTICATED else str(refusal))
 
         def deny(request, context):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+            context.abort(refusal.code, message)
 
         if handler.request_streaming and handler.response_streaming:
             return grpc.stream_stream_rpc_method_handler(deny)
@@ -444,6 +546,12 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
         if handler.response_streaming:
             return grpc.unary_stream_rpc_method_handler(deny)
         return grpc.unary_unary_rpc_method_handler(deny)
+
+
+def bearer_credential(header: str) -> str:
+    """The key of an `authorization: Bearer <key>` header ("" if there is none)."""
+    scheme, _, credential = header.strip().partition(" ")
+    return credential.strip() if scheme.lower() == "bearer" else ""
 
 
 class TranslationServer:
@@ -458,9 +566,9 @@ class TranslationServer:
             config.model_repository, EngineConfig(config.device, config.precision, config.threads, config.instances),
             BatchingConfig(config.max_batch_tokens, config.max_batch_sentences, config.max_wait_ms, config.max_queue),
             self.metrics, on_change=self.update_health)
-        self.servicer = TranslatorServicer(config, self.repository, self.metrics)
-        token = config.token()
-        interceptors = [BearerTokenInterceptor(token, self.metrics)] if token else []
+        self.service = TranslationService(config, self.repository, self.metrics)
+        self.servicer = TranslatorServicer(self.service)
+        interceptors = [BearerTokenInterceptor(self.service)] if self.service.keys.required else []
         options = [
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
@@ -492,10 +600,17 @@ class TranslationServer:
         if not self.port:
             raise OSError(f"cannot listen on {address}")
         self.metrics_port = 0
+        self.http: HttpGateway | None = None
+        self.http_port = 0
+        if config.http_port:
+            from attnserve.server.http import HttpGateway  # listens now, as add_*_port does: a taken port fails here
+
+            self.http = HttpGateway(self.service, config)
+            self.http_port = self.http.port
         self.update_health()
 
     def update_health(self) -> None:
-        if self.servicer.draining.is_set():
+        if self.service.draining.is_set():
             return  # enter_graceful_shutdown has set everything NOT_SERVING for good
         serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
         for name in self.repository.model_names():
@@ -514,16 +629,24 @@ class TranslationServer:
         if self.config.metrics_port:
             self.metrics_port = self.metrics.serve(self.config.metrics_port)
         self.grpc.start()
-        log.info("serving %s on port %d (metrics: %s)", SERVICE_NAME, self.port,
-                 f"http port {self.metrics_port}" if self.metrics_port else "off")
+        if self.http is not None:
+            self.http.start()
+        log.info("serving %s on port %d (HTTP gateway: %s; metrics: %s)", SERVICE_NAME, self.port,
+                 f"port {self.http_port}" if self.http else "off", f"http port {self.metrics_port}" if self.metrics_port else "off")
 
     def stop(self, grace: float | None = None) -> None:
         """Drain: health NOT_SERVING, new RPCs refused, in-flight ones get `grace` seconds."""
         grace = self.config.grace_period if grace is None else grace
         log.info("shutting down: draining for up to %.0f s", grace)
-        self.servicer.draining.set()
+        self.service.draining.set()
         self.health.enter_graceful_shutdown()
+        # Both transports drain at once, each giving its in-flight requests up to `grace`.
+        http_stopped = threading.Thread(target=self.http.stop, args=(grace,), name="http-drain") if self.http else None
+        if http_stopped is not None:
+            http_stopped.start()
         self.grpc.stop(grace).wait()
+        if http_stopped is not None:
+            http_stopped.join()
         self.repository.close(timeout=1.0)
         self.metrics.stop()
         log.info("stopped")

@@ -56,6 +56,8 @@ K8S_VERSION = "1.33.0"
 
 SERVING = {"cpu": K8S / "overlays" / "cpu", "gpu": K8S / "overlays" / "gpu"}
 BATCH = {"cpu": K8S / "overlays" / "cpu-batch", "gpu": K8S / "overlays" / "gpu-batch"}
+# The CPU stack with an HTTP readiness probe (GET /health/ready on the gateway's port).
+HTTP_PROBES = K8S / "overlays" / "cpu-http-probes"
 KUSTOMIZATIONS = sorted(p.parent for p in K8S.rglob("kustomization.yaml"))
 DOCKERFILES = {"cpu": DOCKER / "Dockerfile.cpu", "cuda": DOCKER / "Dockerfile.cuda"}
 IMAGE_FOR_VARIANT = {"cpu": "cpu", "gpu": "cuda"}
@@ -298,6 +300,20 @@ def test_probes_are_native_grpc_health_checks_on_the_grpc_port(variant: str) -> 
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 60, "give model loading a minute at least"
 
 
+def test_http_probe_option_replaces_only_readiness_with_the_gateway_health_check() -> None:
+    objects = rendered(HTTP_PROBES)
+    base = container(only(rendered(SERVING["cpu"]), "Deployment"))
+    server = container(only(objects, "Deployment"))
+    probe = server["readinessProbe"]
+    assert set(probe) & {"grpc", "httpGet", "tcpSocket", "exec"} == {"httpGet"}, "exactly one probe handler"
+    ports = {p["name"]: p["containerPort"] for p in server["ports"]}
+    assert probe["httpGet"]["port"] in ports and probe["httpGet"]["path"] == "/health/ready"
+    assert ports[probe["httpGet"]["port"]] == int(container_env(only(objects, "Deployment"), objects)["ATTNSERVE_HTTP_PORT"])
+    for unchanged in ("startupProbe", "livenessProbe"):
+        assert server[unchanged] == base[unchanged]
+    assert only(objects, "Deployment")["metadata"]["namespace"] == "attnserve"
+
+
 @pytest.mark.parametrize("variant", SERVING)
 def test_termination_grace_covers_prestop_sleep_and_server_drain(variant: str) -> None:
     objects = rendered(SERVING[variant])
@@ -467,7 +483,9 @@ def test_services_select_the_pods_and_the_headless_one_serves_grpc(variant: str)
     assert headless["clusterIP"] == "None"
     assert [p["name"] for p in headless["ports"]] == ["grpc"]
     assert headless.get("publishNotReadyAddresses", False) is False, "draining pods must leave DNS"
-    assert {p["name"] for p in services["attnserve"]["spec"]["ports"]} == {"grpc", "metrics"}
+    assert {p["name"] for p in services["attnserve"]["spec"]["ports"]} == {"grpc", "metrics", "http"}
+    env = container_env(deployment, objects)
+    assert container_ports["http"] == int(env["ATTNSERVE_HTTP_PORT"]), "the gateway listens on the port the Service targets"
 
 
 @pytest.mark.parametrize("variant", SERVING)
@@ -496,7 +514,7 @@ def test_network_policy_admits_exactly_the_container_ports(variant: str) -> None
             admitted.add(by_name[port["port"]] if isinstance(port["port"], str) else port["port"])
     assert admitted == set(by_name.values())
     env = container_env(deployment, objects)
-    assert admitted == {int(env["ATTNSERVE_PORT"]), int(env["ATTNSERVE_METRICS_PORT"])}
+    assert admitted == {int(env["ATTNSERVE_PORT"]), int(env["ATTNSERVE_METRICS_PORT"]), int(env["ATTNSERVE_HTTP_PORT"])}
 
 
 @pytest.mark.parametrize("variant", SERVING)
@@ -869,6 +887,7 @@ def test_server_starts_as_the_deployment_says_passes_its_probes_and_drains_on_si
     port_names = {p["name"]: p["containerPort"] for p in server["ports"]}
     env["ATTNSERVE_PORT"] = str(container_ports[int(env["ATTNSERVE_PORT"])])
     env["ATTNSERVE_METRICS_PORT"] = str(container_ports[int(env["ATTNSERVE_METRICS_PORT"])])
+    env["ATTNSERVE_HTTP_PORT"] = str(container_ports[int(env["ATTNSERVE_HTTP_PORT"])])
     env["ATTNSERVE_HOST"] = "127.0.0.1"
     env = {k: local_path(v) for k, v in env.items()}
     assert Path(env["ATTNSERVE_MODEL_REPOSITORY"]) == SHIPPED_REPOSITORY
@@ -911,6 +930,11 @@ def test_server_starts_as_the_deployment_says_passes_its_probes_and_drains_on_si
             with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as reply:
                 exposition = reply.read().decode()
             assert "attnserve_queue_depth" in exposition
+            # The HTTP readiness probe of deploy/k8s/overlays/cpu-http-probes, on the http port.
+            http_probe = container(only(rendered(HTTP_PROBES), "Deployment"))["readinessProbe"]["httpGet"]
+            http_port = container_ports[port_names[http_probe["port"]]]
+            with urllib.request.urlopen(f"http://127.0.0.1:{http_port}{http_probe['path']}", timeout=5) as reply:
+                assert reply.status == 200
 
             # The kubelet: preStop sleep, then SIGTERM; SIGKILL at terminationGracePeriodSeconds.
             budget = spec["terminationGracePeriodSeconds"] - server["lifecycle"]["preStop"]["sleep"]["seconds"]
