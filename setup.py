@@ -26,7 +26,4 @@ packages = [f"{package}.{sub}" if sub else package
             for package, folder in package_dir.items()
             for sub in ["", *find_packages(str(ROOT / folder))]]
 
-# Data files that ship inside the packages (editable installs read them from the folders).
-package_data = {"attnserve.bench": ["*.tsv"]}
-
-setup(package_dir=package_dir, packages=packages, package_data=package_data)
+setup(package_dir=package_dir, packages=packages)  # package data: [tool.setuptools.package-data] in pyproject.toml
