@@ -23,7 +23,9 @@ from tests.test_text_files import CATALOG
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     repository = shipped_repository(tmp_path_factory)
-    server, port = start(repository, max_sentences_per_request=200, metrics_port=0)
+    # A request limit above the pipeline's one-item limit (200,000 characters), so that the
+    # per-item refusal below is what answers; the request limit has its own tests (test_http.py).
+    server, port = start(repository, max_sentences_per_request=200, max_characters_per_request=400_000, metrics_port=0)
     client = TranslatorClient(f"127.0.0.1:{port}", timeout=120)
     client.wait_until_serving(120)
     yield port, client
