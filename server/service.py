@@ -168,6 +168,14 @@ class TranslationService:
         response = pb.TranslateResponse(model=model.name, version=model.version)
         if not sources:
             return response
+        for source, hypotheses in zip(sources, self.run_job(model, sources, opts, context)):
+            response.translations.append(self.translation(model, source, hypotheses, opts))
+        return response
+
+    def run_job(self, model: ModelVersion, sources: list[list[int]], opts: TranslationOptions,
+                context: CallContext) -> list[list[Hypothesis]]:
+        """One scheduler job for `sources`, waited for until the call's deadline; the
+        hypotheses of each source, or RequestError with the scheduler's reason."""
         job = Job(sources, opts, self.deadline(context))
         self.submit(model, job)
         context.add_callback(lambda: job.scheduler.cancel(job))  # client gone: stop its work
@@ -175,9 +183,7 @@ class TranslationService:
             job.scheduler.cancel(job, SchedulerError.EXPIRED)
         if job.error is not None:
             raise RequestError(SCHEDULER_CODES[job.error.reason], str(job.error))
-        for source, hypotheses in zip(sources, job.results):
-            response.translations.append(self.translation(model, source, hypotheses, opts))
-        return response
+        return job.results
 
     def check_texts(self, texts: Sequence[str]) -> None:
         """The request-wide limits on texts: how many, how many characters, valid Unicode."""
@@ -215,16 +221,7 @@ class TranslationService:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"options: {exc}") from None
         opts.return_alignment, opts.nbest = True, 1  # the pipeline projects through the alignment
         sources = [self.encode(model, text, f"a sentence of item {i}") for i, text in enumerate(plan.sources)]
-        hypotheses = []
-        if sources:
-            job = Job(sources, opts, self.deadline(context))
-            self.submit(model, job)
-            context.add_callback(lambda: job.scheduler.cancel(job))
-            if not job.wait(timeout_until(job.deadline)):
-                job.scheduler.cancel(job, SchedulerError.EXPIRED)
-            if job.error is not None:
-                raise RequestError(SCHEDULER_CODES[job.error.reason], str(job.error))
-            hypotheses = [hyps[0] for hyps in job.results]
+        hypotheses = [hyps[0] for hyps in self.run_job(model, sources, opts, context)] if sources else []
         response = pb.TranslateResponse(model=model.name, version=model.version)
         for result in pipeline.finish(plan, hypotheses):
             translation = response.translations.add(confidence=result.confidence, flags=result.flags,
