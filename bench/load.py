@@ -30,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,69 +57,86 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-async def _drive(port: int, sentences: list[str], clients: int, beam: int) -> dict[str, Any]:
-    """Each client takes the next sentence from a shared list until none is left."""
-    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}") for _ in range(clients)]
-    stubs = [pb_grpc.TranslatorStub(channel) for channel in channels]
+async def _closed_loop(sentences: list[str], translators: list[Callable[[str], Awaitable[None]]]) -> dict[str, Any]:
+    """One client per translator; each takes the next sentence from a shared list until none is
+    left, sending the next as soon as the answer comes. One row: throughput and latencies."""
     next_index = 0
     latencies: list[float] = []
 
-    async def client(stub) -> None:
+    async def client(translate: Callable[[str], Awaitable[None]]) -> None:
         nonlocal next_index
         while next_index < len(sentences):
             sentence = sentences[next_index]
             next_index += 1
             started = time.perf_counter()
-            await stub.Translate(pb.TranslateRequest(sentences=[sentence], options=pb.TranslationOptions(beam_size=beam)),
-                                            timeout=120)
+            await translate(sentence)
             latencies.append(time.perf_counter() - started)
 
     started = time.perf_counter()
-    await asyncio.gather(*(client(stub) for stub in stubs))
+    await asyncio.gather(*(client(translate) for translate in translators))
     elapsed = time.perf_counter() - started
-    for channel in channels:
-        await channel.close()
-    return {"clients": clients, "sentences": len(sentences), "seconds": round(elapsed, 3),
+    return {"clients": len(translators), "sentences": len(sentences), "seconds": round(elapsed, 3),
             "sentences_per_s": round(len(sentences) / elapsed, 2),
             "p50_ms": round(1000 * statistics.median(latencies), 1), "p99_ms": round(1000 * _percentile(latencies, 0.99), 1)}
+
+
+async def _drive(port: int, sentences: list[str], clients: int, beam: int) -> dict[str, Any]:
+    """The closed loop over gRPC: each client its own channel, Translate with one sentence."""
+    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}") for _ in range(clients)]
+
+    def translator(stub: pb_grpc.TranslatorStub) -> Callable[[str], Awaitable[None]]:
+        async def translate(sentence: str) -> None:
+            await stub.Translate(pb.TranslateRequest(sentences=[sentence], options=pb.TranslationOptions(beam_size=beam)),
+                                 timeout=120)
+        return translate
+
+    try:
+        return await _closed_loop(sentences, [translator(pb_grpc.TranslatorStub(channel)) for channel in channels])
+    finally:
+        for channel in channels:
+            await channel.close()
+
+
+class _HttpClient:
+    """One keep-alive HTTP/1.1 connection POSTing /v1/translate; it connects on its first
+    request, as a gRPC channel does."""
+
+    def __init__(self, port: int, beam: int):
+        self.port, self.beam = port, beam
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def translate(self, sentence: str) -> None:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+        reader, writer = self.reader, self.writer
+        body = json.dumps({"sentences": [sentence], "options": {"beamSize": self.beam}}).encode()
+        writer.write(b"POST /v1/translate HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        status = (await reader.readline()).split(b" ", 2)
+        length = 0
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        answer = await reader.readexactly(length)
+        if status[1] != b"200":
+            raise RuntimeError(f"HTTP {status[1].decode()}: {answer[:200]!r}")
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
 
 async def _drive_http(port: int, sentences: list[str], clients: int, beam: int) -> dict[str, Any]:
-    """As _drive, over HTTP: each client one keep-alive connection, POST /v1/translate."""
-    next_index = 0
-    latencies: list[float] = []
-
-    async def client() -> None:
-        nonlocal next_index
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        try:
-            while next_index < len(sentences):
-                sentence = sentences[next_index]
-                next_index += 1
-                body = json.dumps({"sentences": [sentence], "options": {"beamSize": beam}}).encode()
-                started = time.perf_counter()
-                writer.write(b"POST /v1/translate HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
-                             b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-                await writer.drain()
-                status = (await reader.readline()).split(b" ", 2)
-                length = 0
-                while (line := await reader.readline()) not in (b"\r\n", b""):
-                    name, _, value = line.partition(b":")
-                    if name.strip().lower() == b"content-length":
-                        length = int(value)
-                answer = await reader.readexactly(length)
-                if status[1] != b"200":
-                    raise RuntimeError(f"HTTP {status[1].decode()}: {answer[:200]!r}")
-                latencies.append(time.perf_counter() - started)
-        finally:
-            writer.close()
-
-    started = time.perf_counter()
-    await asyncio.gather(*(client() for _ in range(clients)))
-    elapsed = time.perf_counter() - started
-    return {"clients": clients, "sentences": len(sentences), "seconds": round(elapsed, 3),
-            "sentences_per_s": round(len(sentences) / elapsed, 2),
-            "p50_ms": round(1000 * statistics.median(latencies), 1), "p99_ms": round(1000 * _percentile(latencies, 0.99), 1)}
+    """The closed loop over HTTP: each client one keep-alive connection, POST /v1/translate."""
+    http_clients = [_HttpClient(port, beam) for _ in range(clients)]
+    try:
+        return await _closed_loop(sentences, [c.translate for c in http_clients])
+    finally:
+        for c in http_clients:
+            c.close()
 
 
 def run_server(mode: str, repository: Path, threads: int, sentences: list[str], clients: list[int], beam: int,

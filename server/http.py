@@ -76,7 +76,6 @@ STATIC_FILES = {"/": ("playground.html", "text/html; charset=utf-8"),
                 "/playground.js": ("playground.js", "text/javascript; charset=utf-8"),
                 "/playground.css": ("playground.css", "text/css; charset=utf-8")}
 JSON_TYPES = ("application/json",)
-FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 
 
 def language_name(code: str) -> str:
