@@ -3,6 +3,7 @@ the playground, served from the same process and models as gRPC (`attnserve serv
 
     POST /translate            LibreTranslate: q (string or list), source (or auto), target,
     GET  /languages            format (text | html), alternatives, api_key; JSON or form data
+    POST /detect               LibreTranslate: q; the served languages ranked (server/detect.py)
     GET  /frontend/settings
     POST /v1/translate         attnserve.v1.TranslateRequest in the proto3 JSON mapping
     GET  /v1/models            attnserve.v1.ListModelsResponse
@@ -48,6 +49,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from attnserve.v1 import translator_pb2 as pb
 from attnserve.server.config import ServerConfig
+from attnserve.server.detect import DetectedLanguage, LanguageDetector
 from attnserve.server.service import RequestError, TranslationService, _Call, bearer_credential
 
 log = logging.getLogger(__name__)
@@ -176,7 +178,7 @@ def route_of(path: str) -> str:
     """The route template of a path (a bounded set of metric labels, never a client's string)."""
     if path.startswith("/v1/models/"):
         return "/v1/models/{name}"
-    known = {"/translate", "/languages", "/frontend/settings", "/v1/translate", "/v1/models", "/health",
+    known = {"/translate", "/detect", "/languages", "/frontend/settings", "/v1/translate", "/v1/models", "/health",
              "/health/live", "/health/ready", *STATIC_FILES}
     return path if path in known else "other"
 
@@ -202,6 +204,7 @@ class HttpGateway:
         self.executor = futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="http")
         # At most --workers requests in flight, as gRPC's maximum_concurrent_rpcs; beyond: 429.
         self._slots = threading.BoundedSemaphore(config.workers)
+        self.detector = LanguageDetector()
         self.app = self._build_app()
         self.socket = _listen(config.host, config.http_port)
         self.port = self.socket.getsockname()[1]
@@ -221,6 +224,8 @@ class HttpGateway:
         self._thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[self.socket])),
                                         name="http-gateway", daemon=True)
         self._thread.start()
+        # The language identifier's model takes ~1 s to load: load it now, not in a first request.
+        threading.Thread(target=self.detector.known, name="langid-load", daemon=True).start()
         log.info("HTTP gateway on port %d", self.port)
 
     def stop(self, grace: float) -> None:
@@ -241,6 +246,7 @@ class HttpGateway:
         routes = [
             Route("/translate", self.libre_translate, methods=["POST"]),
             Route("/languages", self.libre_languages, methods=["GET", "POST"]),
+            Route("/detect", self.libre_detect, methods=["POST"]),
             Route("/frontend/settings", self.libre_settings, methods=["GET"]),
             Route("/v1/translate", self.v1_translate, methods=["POST"]),
             Route("/v1/models", self.v1_models, methods=["GET"]),
@@ -440,16 +446,20 @@ class HttpGateway:
         if from_form:  # as LibreTranslate: form data's CRLF line ends count as LF (RFC 2046)
             texts = ["\n".join(text.splitlines()) for text in texts]
         self.service.check_texts(texts)
+        detected: DetectedLanguage | None = None
+        if source == "auto":
+            detected = self._detect_source(texts, target)
+            source = detected.language
         model, source_code = self._pair(source, target)
         call.model = model
         options = pb.TranslationOptions(text_format=pb.HTML if text_format == "html" else pb.DOCUMENT)
         response = self.service.translate(pb.TranslateRequest(model=model, sentences=texts, options=options), context, call)
         translated = [t.hypotheses[0].text for t in response.translations]
         result: dict[str, Any] = {"translatedText": translated if batch else translated[0]}
-        if source == "auto":
-            # No detection is run: "auto" is only accepted when one source language is served.
-            detected = {"confidence": 100.0, "language": source_code}
-            result["detectedLanguage"] = [dict(detected) for _ in texts] if batch else detected
+        if detected is not None:
+            # One detection for the whole request (the texts are translated from one source).
+            shape = {"confidence": detected.confidence, "language": detected.language}
+            result["detectedLanguage"] = [dict(shape) for _ in texts] if batch else shape
         if alternatives:
             found = [[] for _ in texts] if text_format == "html" else self._alternatives(
                 model, texts, translated, response, alternatives, context, call)  # LibreTranslate: none for html
@@ -481,6 +491,46 @@ class HttpGateway:
             found[i] = unique[:count]
         return found
 
+    def _detect_source(self, texts: list[str], target: str) -> DetectedLanguage:
+        """`source: "auto"`: the served language the texts are most likely in, among those that
+        translate into `target`; its confidence is its share among all served languages, so a
+        text that looks like the target language comes back with a low one."""
+        pairs = self._pairs()
+        sources = sorted({s for s, t in pairs if t == target})
+        if not sources:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"{target} is not supported")
+        served = sorted({s for s, _ in pairs} | {t for _, t in pairs})
+        ranked = self.detector.rank("\n".join(texts)[:2000], served)
+        for candidate in ranked:
+            if candidate.language in sources:
+                return candidate
+        if len(sources) == 1:  # a language langid does not know: the only possible source
+            return DetectedLanguage(sources[0], 100.0 if len(served) == 1 else 0.0)
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"auto: cannot tell which of {sources} the text is in; name the source language")
+
+    async def libre_detect(self, request: Request) -> Response:
+        """LibreTranslate's /detect: `[{"confidence": 0-100, "language": code}, ...]`, best
+        first, over the languages this server translates from or into."""
+        payload = await self._payload(request, allow_form=True)
+        credential = self._credential(request, payload)
+
+        def work(context: HttpCallContext, call: _Call) -> list[dict[str, Any]]:
+            if isinstance(payload, RequestError):
+                raise payload
+            self.service.authorize(credential)
+            q = payload.get("q")
+            if not q:
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "Invalid request: missing q parameter")
+            if not isinstance(q, str):
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "Invalid request: q must be a string")
+            self.service.check_texts([q])
+            pairs = self._pairs()
+            served = sorted({s for s, _ in pairs} | {t for _, t in pairs})
+            return [{"confidence": d.confidence, "language": d.language} for d in self.detector.rank(q, served)]
+
+        return await self._call(request, "http.Detect", work, libre=True)
+
     def _pairs(self) -> dict[tuple[str, str], str]:
         """(source, target) -> the model serving it: ready models only, the default one first."""
         pairs: dict[tuple[str, str], str] = {}
@@ -494,11 +544,6 @@ class HttpGateway:
         pairs = self._pairs()
         sources = sorted({s for s, _ in pairs})
         languages = sources + sorted({t for _, t in pairs} - set(sources))
-        if source == "auto":
-            if len(sources) != 1:
-                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                                   f"auto: language detection is not available; name the source language, one of {sources}")
-            source = sources[0]
         if source not in languages:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"{source} is not supported")
         if target not in languages:

@@ -765,7 +765,9 @@ def test_dockerfile_runtime_contract(flavour: str) -> None:
         assert entrypoint == ["attnserve"] and "attnserve" in pyproject()["project"]["scripts"]
         assert image.exec_form("CMD") == ["serve"]
         defaults = server_fields()
-        assert image.exposed() == {defaults["port"], defaults["metrics_port"]}
+        http_port = int(image.env()["ATTNSERVE_HTTP_PORT"])
+        assert http_port == int(only(rendered(SERVING["cpu"]), "ConfigMap")["data"]["ATTNSERVE_HTTP_PORT"])
+        assert image.exposed() == {defaults["port"], defaults["metrics_port"], http_port}
         assert image.env()["PATH"].startswith("/opt/venv/bin:")
         # The Deployment runs the image's entrypoint with the image's default arguments.
         for variant in SERVING:

@@ -56,11 +56,19 @@ def pipeline(client: TranslatorClient, texts: list[str], text_format: int) -> li
     return [t.hypotheses[0].text for t in response.translations]
 
 
-def test_libretranslatepy_client_single_string_and_languages(served) -> None:
+def test_libretranslatepy_client_single_string_detect_and_languages(served) -> None:
     _, http_port, client = served
     lt = LibreTranslateAPI(f"http://127.0.0.1:{http_port}")
     assert lt.translate("Open the file.", "en", "fr") == pipeline(client, ["Open the file."], pb.DOCUMENT)[0]
     assert lt.translate("Open the file.", "auto", "fr") == pipeline(client, ["Open the file."], pb.DOCUMENT)[0]
+    # The client's translate() sends neither a list nor `format`; HTML through it is text, as
+    # against LibreTranslate: the markup is kept as protected spans by the document pipeline.
+    html = "Open the <b>file</b>."
+    assert lt.translate(html, "en", "fr") == pipeline(client, [html], pb.DOCUMENT)[0]
+    assert "<b>" in lt.translate(html, "en", "fr")
+    english = lt.detect("Save the document before closing the window.")
+    assert [d["language"] for d in english] == ["en", "fr"] and english[0]["confidence"] > 90
+    assert lt.detect("Enregistrer le document avant de fermer la fenêtre.")[0]["language"] == "fr"
     languages = {entry["code"]: entry for entry in lt.languages()}
     assert languages["en"]["targets"] == ["fr"] and languages["en"]["name"] == "English"
     assert "fr" in languages
@@ -68,9 +76,18 @@ def test_libretranslatepy_client_single_string_and_languages(served) -> None:
 
 def test_libretranslate_list_html_alternatives_and_form_data(served) -> None:
     _, http_port, client = served
+    # A list, exactly as Weblate's LibreTranslate machinery sends it (JSON, api_key empty when
+    # none is configured).
+    weblate = {"api_key": "", "q": SENTENCES[:3], "source": "en", "target": "fr"}
+    status, body, _ = call(http_port, "/translate", weblate)
+    assert status == 200 and body == {"translatedText": pipeline(client, SENTENCES[:3], pb.DOCUMENT)}
     status, body, _ = call(http_port, "/translate", {"q": SENTENCES[:3], "source": "auto", "target": "fr"})
     assert status == 200 and body["translatedText"] == pipeline(client, SENTENCES[:3], pb.DOCUMENT)
-    assert body["detectedLanguage"] == [{"confidence": 100.0, "language": "en"}] * 3
+    assert [d["language"] for d in body["detectedLanguage"]] == ["en"] * 3
+    assert len({d["confidence"] for d in body["detectedLanguage"]}) == 1 and body["detectedLanguage"][0]["confidence"] > 90
+    # Text in the target language: the only source is still used, with a confidence that says so.
+    status, body, _ = call(http_port, "/translate", {"q": "Le fichier est introuvable.", "source": "auto", "target": "fr"})
+    assert status == 200 and body["detectedLanguage"]["language"] == "en" and body["detectedLanguage"]["confidence"] < 10
     html = "<p>Open the <b>file</b>.</p>"
     status, body, _ = call(http_port, "/translate", {"q": html, "source": "en", "target": "fr", "format": "html", "alternatives": 2})
     assert status == 200 and body["translatedText"] == pipeline(client, [html], pb.HTML)[0]
@@ -132,6 +149,10 @@ LT = {"source": "en", "target": "fr"}
     ("/translate", b"q=%FF&source=en&target=fr", "application/x-www-form-urlencoded", 400, "Invalid form data"),
     ("/translate", b"Hi", "text/plain", 400, "unsupported Content-Type"),
     ("/translate", TOO_BIG, "application/json", 413, "max_message_bytes"),
+    ("/detect", {}, "application/json", 400, "missing q parameter"),
+    ("/detect", {"q": ["Hi"]}, "application/json", 400, "q must be a string"),
+    ("/detect", {"q": "word " * 500}, "application/json", 400, "max_characters_per_request=2000"),
+    ("/detect", b"q=%FF", "application/x-www-form-urlencoded", 400, "Invalid form data"),
     ("/v1/translate", {"sentences": "Hi"}, "application/json", 400, "invalid TranslateRequest"),
     ("/v1/translate", {"sentences": ["Hi"], "bogus": 1}, "application/json", 400, "invalid TranslateRequest"),
     ("/v1/translate", {"sentences": ["Hi"], "options": {"beamSize": 9}}, "application/json", 400, "max_beam_size=8"),
@@ -264,3 +285,55 @@ def test_responses_are_not_delayed_by_nagle(served) -> None:
         latencies.append(time.perf_counter() - started)
     connection.close()
     assert statistics.median(latencies) < 0.02, latencies
+
+
+def test_requests_over_the_workers_get_429_and_the_rest_are_served(repository) -> None:
+    """--workers bounds the requests in flight on HTTP as it does gRPC's handler threads;
+    the one over it gets 429 with Retry-After at once, and nothing is half-done."""
+    http_port = free_port()
+    server, _ = start(repository, http_port=http_port, workers=1, max_beam_size=8)
+    try:
+        heavy = {"sentences": SENTENCES * 4, "options": {"beamSize": 8}}
+        results: list[tuple[int, dict, dict]] = []
+        threads = [threading.Thread(target=lambda: results.append(call(http_port, "/v1/translate", heavy))) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        statuses = sorted(status for status, _, _ in results)
+        assert len(results) == 6 and set(statuses) == {200, 429}, statuses
+        for status, body, headers in results:
+            if status == 429:
+                assert set(body) == {"error"} and "requests in flight" in body["error"] and int(headers["retry-after"]) >= 1
+            else:
+                assert len(body["translations"]) == len(heavy["sentences"])
+        libre = call(http_port, "/translate", {"q": "Settings", **LT})
+        assert libre[0] == 200  # the slot came back
+    finally:
+        server.stop(1)
+
+
+def test_a_client_that_disconnects_has_its_translation_cancelled(repository) -> None:
+    """The gateway polls for a disconnect while the model works; the job leaves the scheduler
+    and the call is counted CANCELLED, and the server goes on."""
+    import socket
+    import time
+
+    http_port = free_port()
+    server, _ = start(repository, http_port=http_port, max_sentences_per_request=256, max_beam_size=8,
+                      max_characters_per_request=100_000)
+    try:
+        before = scrape(server.metrics_port)
+        body = json.dumps({"sentences": SENTENCES * 40, "options": {"beamSize": 8}}).encode()
+        with socket.create_connection(("127.0.0.1", http_port)) as sock:
+            sock.sendall(b"POST /v1/translate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            wait_for(lambda: scrape(server.metrics_port).get(("attnserve_inflight_requests", ()), 0) >= 1)
+        started = time.monotonic()
+        wait_for(lambda: requests_count(scrape(server.metrics_port), "http.Translate", "CANCELLED")
+                 == requests_count(before, "http.Translate", "CANCELLED") + 1)
+        assert time.monotonic() - started < 10  # cancelled, not run to the end (240 sentences, beam 8)
+        assert requests_count(scrape(server.metrics_port), "http.Translate", "OK") == requests_count(before, "http.Translate", "OK")
+        assert call(http_port, "/translate", {"q": "Settings", **LT})[0] == 200
+    finally:
+        server.stop(1)
