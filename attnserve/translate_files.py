@@ -1,9 +1,9 @@
 """`attnserve translate` for the formats that go through the text pipeline: gettext PO/POT,
-HTML/XML files and documents (paragraphs), offline or with --server. Plain text (one sentence a
-line) and JSONL stay with attnserve.server.batch.
+XLIFF 1.2, HTML/XML files and documents (paragraphs), offline or with --server. Plain text (one
+sentence a line) and JSONL stay with attnserve.server.batch.
 
-The format comes from the extension (.po .pot .html .htm .xhtml .md) or --format; the CLI calls
-`translate_file(args)` first and goes on with the line formats when it returns None.
+The format comes from the extension (.po .pot .xlf .xliff .html .htm .xhtml .md) or --format;
+the CLI calls `translate_file(args)` first and goes on with the line formats when it returns None.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 log = logging.getLogger("attnserve")
 
-PIPELINE_FORMATS = ("po", "html", "xml", "document")
+PIPELINE_FORMATS = ("po", "xliff", "html", "xml", "document")
 FORMAT_CHOICES = ["auto", "text", "jsonl", *PIPELINE_FORMATS]
 
 
@@ -25,7 +25,12 @@ def add_file_arguments(parser: argparse.ArgumentParser) -> None:
                         "else the model's)")
     parser.add_argument("--no-fuzzy", dest="fuzzy", action="store_false",
                         help="po: do not mark written translations '#, fuzzy'")
-    parser.add_argument("--overwrite", action="store_true", help="po: translate entries that have a translation too")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="po, xliff: translate entries (trans-units) that have a translation too")
+    parser.add_argument("--xliff-state", default="needs-review-translation",
+                        help="xliff: the state attribute of written targets ('' for none)")
+    parser.add_argument("--chunk-chars", type=int, default=20_000,
+                        help="document/html/xml: about this many characters translated and journaled together (resume unit)")
     parser.add_argument("--glossary", type=Path, help="TSV of source<TAB>target terms (empty target: do not translate), "
                         "on top of the model's glossary.tsv")
 
@@ -36,18 +41,17 @@ def _pipeline_format(args: argparse.Namespace) -> str | None:
     if len(args.input) != 1 or args.input == ["-"]:
         return None
     found = detect_format(Path(args.input[0]), args.format)
-    if found == "xliff":
-        found = "xml"
     return found if found in PIPELINE_FORMATS else None
 
 
 def translate_file(args: argparse.Namespace) -> int | None:
-    """Translate a PO/HTML/XML/document file; None when the input is for the line formats."""
+    """Translate a PO/XLIFF/HTML/XML/document file; None when the input is for the line formats."""
     file_format = _pipeline_format(args)
     if file_format is None:
         return None
     from attnserve.server.text import Glossary, GlossaryError, TextFormat
     from attnserve.server.text.files import FileError, PoOptions, translate_po, translate_text_file
+    from attnserve.server.text.xliff import XliffOptions, translate_xliff
 
     if not args.output:
         log.error("translating a %s file needs -o OUTPUT", file_format)
@@ -63,9 +67,12 @@ def translate_file(args: argparse.Namespace) -> int | None:
         if file_format == "po":
             summary = translate_po(source, output, translate_items,
                                    PoOptions(args.language, args.fuzzy, args.overwrite, args.chunk_lines), model_language)
+        elif file_format == "xliff":
+            summary = translate_xliff(source, output, translate_items,
+                                      XliffOptions(args.xliff_state, args.overwrite, args.chunk_lines))
         else:
             text_format = {"html": TextFormat.HTML, "xml": TextFormat.XML, "document": TextFormat.DOCUMENT}[file_format]
-            summary = translate_text_file(source, output, translate_items, text_format)
+            summary = translate_text_file(source, output, translate_items, text_format, args.chunk_chars)
     except (FileError, OSError, ValueError) as exc:
         log.error("%s", exc)
         return 2

@@ -36,8 +36,8 @@ from attnserve.server.engine import Hypothesis, TranslationOptions
 from attnserve.server.metrics import Metrics
 from attnserve.server.repository import EngineConfig, ModelNotFound, ModelRepository, ModelVersion
 from attnserve.server.scheduler import BatchingConfig, Job, SchedulerError
-from attnserve.server.text import (Glossary, GlossaryEntry, GlossaryError, PipelineConfig, TextError, TextFormat, TextItem,
-                                   TextPipeline)
+from attnserve.server.text import (Glossary, GlossaryEntry, GlossaryError, PipelineConfig, Plan, TextError, TextFormat,
+                                   TextItem, TextPipeline)
 
 if TYPE_CHECKING:
     from attnserve.server.http import HttpGateway
@@ -89,6 +89,16 @@ class _Call:
     def __init__(self) -> None:
         self.model = ""
         self.code = grpc.StatusCode.OK
+
+
+@dataclasses.dataclass
+class TextRequest:
+    """Texts through the pipeline, between prepare_text and finish_text: the plan and the
+    model inputs (source ids) its sentences became."""
+
+    pipeline: TextPipeline
+    plan: Plan
+    sources: list[list[int]]
 
 
 class TranslationService:
@@ -162,10 +172,13 @@ class TranslationService:
         call.model = model.name
         self.check_texts(request.sentences)
         opts = self.options(request.options, model)
-        if request.options.text_format:  # the text pipeline: documents, markup, placeholders
-            return self._translate_text(request, model, opts, context)
-        sources = [self.encode(model, text, f"sentence {i}") for i, text in enumerate(request.sentences)]
         response = pb.TranslateResponse(model=model.name, version=model.version)
+        if request.options.text_format:  # the text pipeline: documents, markup, placeholders
+            text = self.prepare_text(model, request.options, opts, request.sentences, lambda i: f"sentence {i}")
+            hypotheses = [hyps[0] for hyps in self.run_job(model, text.sources, opts, context)] if text.sources else []
+            response.translations.extend(self.finish_text(text, hypotheses))
+            return response
+        sources = [self.encode(model, text, f"sentence {i}") for i, text in enumerate(request.sentences)]
         if not sources:
             return response
         for source, hypotheses in zip(sources, self.run_job(model, sources, opts, context)):
@@ -203,34 +216,43 @@ class TranslationService:
                 raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                                    f"sentence {i} is not valid Unicode (a lone surrogate code point)") from None
 
-    def _translate_text(self, request: pb.TranslateRequest, model: ModelVersion, opts: TranslationOptions,
-                        context: CallContext) -> pb.TranslateResponse:
-        """Translate through attnserve.server.text: prepare (INVALID_ARGUMENT naming the item),
-        one scheduler job for every sentence of every item, finish."""
-        if request.options.text_format not in TEXT_FORMATS:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"options: unknown text_format {request.options.text_format}")
-        pipeline = self._pipeline(model, request.options)
+    def prepare_text(self, model: ModelVersion, options: pb.TranslationOptions, opts: TranslationOptions,
+                     texts: Sequence[str], name: Callable[[int], str]) -> "TextRequest":
+        """The text pipeline's part before the model, for Translate (every sentence of a
+        request) and TranslateStream (one item): INVALID_ARGUMENT naming the item (`name(i)`:
+        "sentence 1", "item 'a'"), else the plan and the model inputs, tokenised. `opts` is set
+        for the pipeline (one hypothesis, with the alignment it projects through)."""
+        if options.text_format not in TEXT_FORMATS:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"options: unknown text_format {options.text_format}")
+        pipeline = self._pipeline(model, options)
         try:
             glossary = Glossary([GlossaryEntry.checked(e.source, e.target, f"glossary entry {i}")
-                                 for i, e in enumerate(request.options.glossary)]) if request.options.glossary else None
-            items = [TextItem(text, TEXT_FORMATS[request.options.text_format], glossary) for text in request.sentences]
-            plan = pipeline.prepare(items)
+                                 for i, e in enumerate(options.glossary)]) if options.glossary else None
+            plan = pipeline.prepare([TextItem(text, TEXT_FORMATS[options.text_format], glossary) for text in texts])
         except TextError as exc:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"sentence {exc.item}: {exc.reason}") from None
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"{name(exc.item)}: {exc.reason}") from None
         except GlossaryError as exc:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"options: {exc}") from None
-        opts.return_alignment, opts.nbest = True, 1  # the pipeline projects through the alignment
-        sources = [self.encode(model, text, f"a sentence of item {i}") for i, text in enumerate(plan.sources)]
-        hypotheses = [hyps[0] for hyps in self.run_job(model, sources, opts, context)] if sources else []
-        response = pb.TranslateResponse(model=model.name, version=model.version)
-        for result in pipeline.finish(plan, hypotheses):
-            translation = response.translations.add(confidence=result.confidence, flags=result.flags,
-                                                    placeholders=result.placeholders)
+        opts.return_alignment, opts.nbest = True, 1
+        # The pipeline cuts sentences to the model's limit, so this refuses almost nothing (a
+        # sentence whose masks outgrow the margin); the plan does not say whose sentence it is.
+        what = name(0) if len(texts) == 1 else "the request"
+        sources = [self.encode(model, text, f"a sentence of {what}") for text in plan.sources]
+        return TextRequest(pipeline, plan, sources)
+
+    @staticmethod
+    def finish_text(text: "TextRequest", hypotheses: Sequence[Hypothesis]) -> list[pb.Translation]:
+        """The pipeline's part after the model: one Translation per item, its text in
+        hypotheses[0], with confidence, flags, placeholders and segments."""
+        translations = []
+        for result in text.pipeline.finish(text.plan, hypotheses):
+            translation = pb.Translation(confidence=result.confidence, flags=result.flags, placeholders=result.placeholders)
             translation.hypotheses.add(text=result.text, score=result.confidence)
             for segment in result.segments:
                 translation.segments.add(source=segment.source, translation=segment.translation,
                                          confidence=segment.confidence, flags=segment.flags)
-        return response
+            translations.append(translation)
+        return translations
 
     def _pipeline(self, model: ModelVersion, options: pb.TranslationOptions) -> TextPipeline:
         """The model version's text pipeline (built once: it holds the bundle's glossary), with
@@ -457,25 +479,40 @@ class _Stream:
 
     def _start(self, item: pb.TranslateStreamRequest) -> None:
         service = self.service
+        text = None
         try:
             model = service.model(item.model, item.version)
             self.call.model = self.call.model or model.name
             service.check_texts([item.sentence])
             opts = service.options(item.options, model)
-            source = service.encode(model, item.sentence, f"item {item.id!r}")
+            if item.options.text_format:  # the text pipeline, as Translate runs it, for this item alone
+                text = service.prepare_text(model, item.options, opts, [item.sentence], lambda _: f"item {item.id!r}")
+                sources = text.sources
+            else:
+                sources = [service.encode(model, item.sentence, f"item {item.id!r}")]
         except RequestError as exc:
             self._error(item.id, exc.code, str(exc))
             return
 
+        def respond(translation: Callable[[], pb.Translation], job: Job | None) -> None:
+            # Built by the handler thread when it sends the answer, not here (a scheduler thread).
+            self._answer(lambda: pb.TranslateStreamResponse(id=item.id, translation=translation(), model=model.name,
+                                                            version=model.version), job)
+
+        if text is not None and not sources:  # nothing for the model (no letters): the pipeline copies it
+            respond(lambda: service.finish_text(text, [])[0], None)
+            return
+
         def on_result(_index: int, hypotheses: list[Hypothesis]) -> None:
-            self._answer(lambda: pb.TranslateStreamResponse(
-                id=item.id, translation=service.translation(model, source, hypotheses, opts),
-                model=model.name, version=model.version), job)
+            if text is None:
+                respond(lambda: service.translation(model, sources[0], hypotheses, opts), job)
+            elif job.remaining == 0:  # the item's last sentence (deliver counts it before calling)
+                respond(lambda: service.finish_text(text, [hyps[0] for hyps in job.results])[0], job)
 
         def on_error(exc: SchedulerError) -> None:
             self._error(item.id, SCHEDULER_CODES[exc.reason], str(exc), model.name, model.version, job)
 
-        job = Job([source], opts, self.deadline, on_result=on_result, on_error=on_error)
+        job = Job(sources, opts, self.deadline, on_result=on_result, on_error=on_error)
         with self._lock:
             self._in_flight.add(job)
         try:

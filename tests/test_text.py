@@ -287,6 +287,19 @@ def test_glossary_terms_appear(shipped) -> None:
                 assert entry.target in result.text, (message, result.text)
 
 
+def test_a_message_that_is_only_a_term_gets_its_translation(shipped) -> None:
+    # Nothing is left for the model once the term is masked ("Password: ", "_User" are messages
+    # of their own in many catalogs): the copy must still get the term's translation, and the
+    # markup and the accelerator around it must follow it.
+    pipeline, translate = shipped
+    glossary = Glossary([GlossaryEntry.checked("password", "mot de passe"), GlossaryEntry.checked("user", "utilisateur")])
+    items = [TextItem("Password: ", glossary=glossary), TextItem("_User", glossary=glossary),
+             TextItem("<b>User</b>: %s", TextFormat.HTML, glossary), TextItem("42: %s", glossary=glossary)]
+    results = pipeline.translate(items, translate)
+    assert [r.text for r in results[:3]] == ["Mot de passe: ", "_Utilisateur", "<b>Utilisateur</b>: %s"]
+    assert results[3].text == "42: %s"  # no term: copied as before
+
+
 def test_accelerator_is_kept_once(shipped) -> None:
     pipeline, translate = shipped
     results = pipeline.translate([TextItem("_Open File"), TextItem("Save &As..."), TextItem("_Quit")], translate)

@@ -84,3 +84,46 @@ def test_po_file_through_the_server(served, tmp_path: Path) -> None:
     catalog = polib.pofile(str(output))
     assert catalog.find("Could not open %s: %s").msgstr.count("%s") == 2
     assert all(catalog.find("%d file deleted").msgstr_plural.values())
+
+
+def _stream(client: TranslatorClient, requests: list[pb.TranslateStreamRequest]) -> dict[str, pb.TranslateStreamResponse]:
+    responses = list(client.stub.TranslateStream(iter(requests), timeout=120))
+    assert len(responses) == len(requests)  # one answer per item, no more
+    return {r.id: r for r in responses}
+
+
+def test_translate_stream_runs_the_text_pipeline_per_item(served) -> None:
+    _, client = served
+    html = "<p>Open the <b>Software Center</b> now.</p>"
+    glossary = [pb.GlossaryEntry(source="Software Center", target="Logithèque")]
+    requests = [
+        pb.TranslateStreamRequest(id="doc", sentence="The disk is full.\n\nDelete the selected files? Then restart.",
+                                  options=pb.TranslationOptions(beam_size=4, text_format=pb.DOCUMENT)),
+        pb.TranslateStreamRequest(id="html", sentence=html,
+                                  options=pb.TranslationOptions(beam_size=4, text_format=pb.HTML, glossary=glossary)),
+        pb.TranslateStreamRequest(id="msg", sentence="Could not open %s in {0}",
+                                  options=pb.TranslationOptions(beam_size=4, text_format=pb.SENTENCE, low_confidence=0.99)),
+        pb.TranslateStreamRequest(id="bad", sentence="<b>bold <i>x</b></i>", options=pb.TranslationOptions(text_format=pb.HTML)),
+        pb.TranslateStreamRequest(id="none", sentence="<p>42</p>", options=pb.TranslationOptions(text_format=pb.HTML)),
+        pb.TranslateStreamRequest(id="raw", sentence="Open the file.", options=pb.TranslationOptions(beam_size=4)),
+    ]
+    answers = _stream(client, requests)
+    doc = answers["doc"].translation
+    assert doc.hypotheses[0].text.count("\n\n") == 1 and len(doc.segments) == 3 and 0.0 < doc.confidence <= 1.0
+    page = answers["html"].translation.hypotheses[0].text
+    check_well_formed(page)
+    assert "<b>" in page and "Logithèque" in page and answers["html"].model
+    message = answers["msg"].translation
+    assert message.hypotheses[0].text.count("%s") == 1 and message.hypotheses[0].text.count("{0}") == 1
+    assert list(message.placeholders) == ["%s", "{0}"]
+    assert ("low_confidence" in message.flags) == (message.confidence < 0.99)
+    assert answers["bad"].WhichOneof("result") == "error"
+    assert answers["bad"].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert answers["bad"].error.message == "item 'bad': </b> at offset 12 closes <i> opened at offset 8"
+    assert answers["none"].translation.hypotheses[0].text == "<p>42</p>"  # nothing for the model: copied
+    raw = answers["raw"].translation  # no text_format: the old behaviour, untouched
+    assert raw.hypotheses[0].text and not raw.segments and not raw.flags and raw.confidence == 0.0
+    # The same service code as Translate: one item alone gives what a one-sentence request gives.
+    alone = _stream(client, [requests[1]])["html"].translation
+    unary = client.stub.Translate(pb.TranslateRequest(sentences=[html], options=requests[1].options), timeout=60)
+    assert alone == unary.translations[0]

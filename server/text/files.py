@@ -1,11 +1,13 @@
-"""Files through the text pipeline: gettext PO/POT catalogs, HTML files and documents.
+"""Files through the text pipeline: gettext PO/POT catalogs, HTML/XML files and documents
+(XLIFF 1.2: attnserve.server.text.xliff, on the journal below).
 
     attnserve translate messages.po -o messages.fr.po      # offline, or with --server
 
 The front end hands in `translate_items(items) -> results` (the pipeline on a local engine, or a
 server through the API), so the same code serves both.
 
-Resume: the translations are journaled to OUTPUT.partial (one JSON line per finished chunk,
+Resume: the translations are journaled to OUTPUT.partial (one JSON line per finished chunk:
+catalog entries, paragraphs cut after blank lines, markup cut where it is balanced;
 fsynced, its first line naming the input's sha256); a rerun after a kill reads the journal,
 drops a torn last line and translates only what is missing; the output is written once, at the
 end, to a temporary file renamed over OUTPUT. Every entry is written exactly once.
@@ -22,6 +24,7 @@ import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from attnserve.server.text import markup
 from attnserve.server.text.pipeline import TextFormat, TextItem, TextResult
 from attnserve.server.text.protect import find_protected
 
@@ -254,22 +257,54 @@ def _paragraph_chunks(text: str, size: int = 20_000) -> list[str]:
     return chunks
 
 
+def _markup_chunks(text: str, xml: bool, size: int) -> list[list[tuple[str, bool]]]:
+    """An HTML/XML text as chunks of about `size` characters, each a list of markup.balanced_pieces
+    (copied tags, and well-formed runs to translate); FileError when the markup is malformed."""
+    try:
+        pieces = markup.balanced_pieces(text, xml, size)
+    except markup.MarkupError as exc:
+        raise FileError(f"not well-formed {'XML' if xml else 'HTML'}: {exc}") from None
+    chunks: list[list[tuple[str, bool]]] = [[]]
+    length = 0
+    for piece in pieces:
+        if chunks[-1] and length + len(piece[0]) > size:
+            chunks.append([])
+            length = 0
+        chunks[-1].append(piece)
+        length += len(piece[0])
+    return [chunk for chunk in chunks if chunk]
+
+
 def translate_text_file(input_path: Path, output_path: Path, translate_items: TranslateItems, text_format: TextFormat,
                         chunk_chars: int = 20_000) -> FileSummary:
-    """A document (paragraph chunks) or an HTML/XML file (one chunk: markup does not cut at
-    blank lines) through the pipeline, resumable by chunk."""
+    """A document (chunks cut after blank lines) or an HTML/XML file (chunks cut where the
+    markup is balanced: between elements with block content) through the pipeline, resumable
+    by chunk. Each piece of a chunk is translated as an item of its own, so the output is what
+    translating the whole file at once gives, but for what the model does with a batch."""
     _check_output(output_path)
     text = input_path.read_text(encoding="utf-8")
-    chunks = _paragraph_chunks(text, chunk_chars) if text_format == TextFormat.DOCUMENT else [text]
+    if text_format in (TextFormat.HTML, TextFormat.XML):
+        chunks = _markup_chunks(text, text_format == TextFormat.XML, chunk_chars)
+    else:
+        chunks = [[(chunk, True)] for chunk in _paragraph_chunks(text, chunk_chars)]
     journal = Journal(output_path, _digest(input_path))
     summary = FileSummary(entries=len(chunks), resumed=len(journal.done))
     for number, chunk in enumerate(chunks):
         if number in journal.done:
             continue
-        [result] = translate_items([TextItem(chunk, text_format)])
-        journal.record(number, [result.text, result.flags])
-        summary.translated += 1
-        summary.flagged += bool(result.flags)
+        items = [TextItem(piece, text_format) for piece, translate in chunk if translate]
+        results = iter(translate_items(items) if items else [])
+        translated, flags = [], []
+        for piece, translate in chunk:
+            if translate:
+                result = next(results)
+                translated.append(result.text)
+                flags.extend(result.flags)
+            else:
+                translated.append(piece)
+        journal.record(number, ["".join(translated), list(dict.fromkeys(flags))])
+    summary.translated = len(chunks)  # as for catalogs: those of an earlier run included
+    summary.flagged = sum(bool(journal.done[i][1]) for i in range(len(chunks)))
     journal.finish(output_path, "".join(journal.done[i][0] for i in range(len(chunks))))
     log.info("%s: %s", output_path, summary.describe())
     return summary

@@ -34,7 +34,9 @@ BLOCK_ELEMENTS = frozenset(
     # XLIFF / DocBook-ish containers, so XML documents split sensibly too
     "source target trans-unit body file group note para section1 section2 simpara".split())
 RAW_TEXT_ELEMENTS = frozenset({"script", "style"})
-VERBATIM_ELEMENTS = frozenset({"script", "style", "code", "kbd", "samp", "var", "pre", "tt"})
+VERBATIM_ELEMENTS = frozenset({"script", "style", "code", "kbd", "samp", "var", "pre", "tt",
+                               # XLIFF 1.2 inline codes whose content is the native code (`<ph>%s</ph>`)
+                               "ph", "bpt", "ept", "it"})
 
 TOKEN = re.compile(
     r"(?P<comment><!--.*?-->)"
@@ -266,6 +268,66 @@ def escape(text: str, entities: dict[str, str]) -> str:
         if char not in "&<>":
             out = out.replace(char, entity)
     return out
+
+
+# -- cutting a large file -----------------------------------------------------------------------
+
+
+def balanced_pieces(text: str, xml: bool = False, size: int = 20_000) -> list[tuple[str, bool]]:
+    """`text` as pieces that concatenate back to it, for journaling a large file in chunks:
+    (markup, False) is the start or end tag of a large element with block content, which the
+    pipeline copies anyway; (nodes, True) is a run of sibling nodes, well-formed on its own, of
+    at most about `size` characters (one node may be larger). Runs are cut only before and after
+    a node with block content, where a unit ends anyway (`_walk`), so each True piece translated
+    alone gives what it gives inside the whole text. MarkupError as parse_tree; one piece when
+    the tree does not give the text back (a stray `</br>` is dropped by the parser)."""
+    pieces: list[tuple[str, bool]] = []
+    _cut(parse_tree(text, xml), size, pieces)
+    if "".join(piece for piece, _ in pieces) != text:
+        return [(text, True)]
+    return pieces
+
+
+def _cut(nodes: list[Node], size: int, pieces: list[tuple[str, bool]]) -> None:
+    group: list[str] = []  # raw text of the sibling nodes taken so far
+
+    def flush() -> None:
+        if group:
+            pieces.append(("".join(group), True))
+            group.clear()
+
+    for atom in _atoms(nodes):
+        raw = "".join(_raw(node) for node in atom)
+        if len(atom) == 1 and _has_block(atom[0]) and len(raw) > size:  # open it: its tags stay as written
+            flush()
+            element = atom[0]
+            pieces.append((element.open_text, False))
+            _cut(element.children, size, pieces)
+            if element.close_text:
+                pieces.append((element.close_text, False))
+            continue
+        if group and sum(map(len, group)) + len(raw) > size:
+            flush()
+        group.append(raw)
+    flush()
+
+
+def _atoms(nodes: list[Node]) -> list[list[Node]]:
+    """Siblings as the pieces no cut may split: each node with block content alone, and each
+    maximal run of the others between them (a unit, or copied markup)."""
+    atoms: list[list[Node]] = []
+    run: list[Node] = []
+    for node in nodes:
+        if _has_block(node):
+            if run:
+                atoms.append(run)
+                run = []
+            atoms.append([node])
+        else:
+            run.append(node)
+    if run:
+        atoms.append(run)
+    return atoms
 
 
 # -- rendering ------------------------------------------------------------------------------

@@ -266,7 +266,7 @@ class TextPipeline:
         masked = mask(flat, local, self.config.mask_style)
         masked.source = source
         if not any(ch.isalpha() for ch in re.sub(self.config.mask_style.pattern, "", masked.text)):
-            return _Sentence(source, masked, breaks, None, translation=source)
+            return _copied(source, masked, breaks)
         sources.append(masked.text)
         return _Sentence(source, masked, breaks, len(sources) - 1)
 
@@ -424,6 +424,37 @@ def engine_translator(engine: Any, options: Any) -> Callable[[list[str]], list[A
     """Best hypothesis (with alignment) per source from an Engine, as `finish` needs them."""
     options = dataclasses.replace(options, return_alignment=True, nbest=1)
     return lambda sources: [hyps[0] for hyps in engine.translate(sources, options)]
+
+
+def _copied(source: str, masked: Masked, breaks: list[tuple[int, int, str]]) -> _Sentence:
+    """A sentence with nothing for the model (no letters outside its protected spans): copied,
+    with its glossary terms replaced ("Password: " is a message of its own in many catalogs).
+    With replacements, an exact alignment (each term to its translation, every other character
+    to itself) lets markup and accelerators around a term follow it."""
+    if all(span.replacement is None for span in masked.spans):
+        return _Sentence(source, masked, breaks, None, translation=source)
+    source_spans: list[tuple[int, int]] = []
+    target_spans: list[tuple[int, int]] = []
+    out: list[str] = []
+    cursor = length = 0
+
+    def link(a: int, b: int, text: str) -> None:
+        nonlocal length
+        source_spans.append((a, b))
+        target_spans.append((length, length + len(text)))
+        out.append(text)
+        length += len(text)
+
+    for span in masked.spans:
+        for position in range(cursor, span.start):  # no letters here: one character at a time
+            link(position, position + 1, source[position])
+        link(span.start, span.end, span.output)
+        cursor = span.end
+    for position in range(cursor, len(source)):
+        link(position, position + 1, source[position])
+    translation = "".join(out)
+    alignment = SentenceAlignment(source_spans, target_spans, list(range(len(source_spans))), len(translation))
+    return _Sentence(source, masked, breaks, None, translation=translation, alignment=alignment)
 
 
 def _masked_position(masked: Masked, position: int) -> int:
