@@ -33,6 +33,9 @@ def add_file_arguments(parser: argparse.ArgumentParser) -> None:
                         help="document/html/xml: about this many characters translated and journaled together (resume unit)")
     parser.add_argument("--glossary", type=Path, help="TSV of source<TAB>target terms (empty target: do not translate), "
                         "on top of the model's glossary.tsv")
+    parser.add_argument("--glossary-mode", choices=["constrained", "substitute"], default="constrained",
+                        help="offline: glossary terms by constrained decoding, or masked and substituted "
+                             "(with --server, the server's --glossary-mode)")
 
 
 def _pipeline_format(args: argparse.Namespace) -> str | None:
@@ -90,14 +93,14 @@ def translate_file(args: argparse.Namespace) -> int | None:
 def _offline(args: argparse.Namespace, glossary):
     from attnserve.server.bundle import load_bundle
     from attnserve.server.engine import Engine, TranslationOptions
-    from attnserve.server.text import TextPipeline, engine_translator
+    from attnserve.server.text import PipelineConfig, TextPipeline, engine_translator
 
     if not args.model:
         raise ValueError("offline translation needs --model BUNDLE (or use --server HOST:PORT)")
     engine = Engine(load_bundle(args.model), args.precision, args.device, args.threads)
     options = TranslationOptions(beam_size=args.beam, length_penalty=args.length_penalty)
     options.validate()
-    pipeline = TextPipeline.for_engine(engine)
+    pipeline = TextPipeline.for_engine(engine, PipelineConfig(glossary_mode=args.glossary_mode))
     translate = engine_translator(engine, options)
 
     def translate_items(items):

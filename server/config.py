@@ -63,6 +63,9 @@ class ServerConfig:
     max_message_bytes: int = _knob(4 * 1024 * 1024, "largest gRPC message or HTTP request body received (or sent)")
     stream_window: int = _knob(128, "most items of one TranslateStream in flight; beyond, the server stops reading "
                                     "the stream until results go out (HTTP/2 flow control holds the client)")
+    glossary_mode: str = _knob("constrained", "how glossary terms are applied: constrained decoding (the term's "
+                                              "translation made to appear), or substitute (masked, then replaced)",
+                               ["constrained", "substitute"])
     default_beam_size: int = _knob(4, "beam size of requests that ask for none")
     max_beam_size: int = _knob(16, "largest beam size a request may ask for")
     workers: int = _knob(128, "gRPC handler threads: the most requests in flight at once")

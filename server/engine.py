@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import sentencepiece as spm
@@ -30,14 +31,14 @@ from attnserve.decoding_rules import LengthLimit, SpecialIds, max_source_tokens,
 from attnserve.server.bundle import Bundle
 from attnserve.server.runtime import OnnxRuntime, RunObserver, choose_providers, session_options
 from attnserve.server.search import (
-    BeamBatch, DecoderStep, Hypothesis, SearchItem, TranslationOptions, decode_together,
+    BeamBatch, Constraint, DecoderStep, Hypothesis, SearchItem, TranslationOptions, decode_together,
 )
 from attnserve.server.state import DecoderState, StateLayout
 
 log = logging.getLogger(__name__)
 
 # What callers import from here; the engine's rooms are importable on their own too.
-__all__ = ["BeamBatch", "DecoderStep", "Engine", "Hypothesis", "SearchItem", "TranslationOptions", "choose_providers",
+__all__ = ["BeamBatch", "Constraint", "DecoderStep", "Engine", "Hypothesis", "SearchItem", "TranslationOptions", "choose_providers",
            "session_options"]
 
 
@@ -52,6 +53,7 @@ class Engine:
         self.provider = self.runtime.provider
         log.info("loaded %s (%s) on %s", bundle.path, precision, self.provider)
         self.tokenizer = spm.SentencePieceProcessor(model_file=str(bundle.tokenizer_path))
+        self._piece_texts: list[str] | None = None
         self.layout = StateLayout.of(manifest.state)
         # search.DecoderStep
         self.special_ids: SpecialIds = manifest.special_ids
@@ -98,10 +100,12 @@ class Engine:
 
     def translate_ids(self, sources: Sequence[list[int]], opts: TranslationOptions | None = None,
                       max_batch_tokens: int = 4096, max_batch_sentences: int = 64,
-                      prefixes: Sequence[list[int]] | None = None) -> list[list[Hypothesis]]:
+                      prefixes: Sequence[list[int]] | None = None,
+                      constraints: Sequence[list[Constraint] | None] | None = None) -> list[list[Hypothesis]]:
         """Sources (ids ending in EOS) in length-sorted batches of at most max_batch_tokens padded
         source tokens; results in input order. A target prefix (ids, no BOS/EOS) per source, if
-        given, is forced at the start of every hypothesis."""
+        given, is forced at the start of every hypothesis; constraints (target id sequences per
+        source) are made to appear in it (search.py)."""
         opts = opts or TranslationOptions()
         opts.validate()
         if prefixes is not None:
@@ -109,6 +113,12 @@ class Engine:
                 raise ValueError(f"{len(prefixes)} target prefixes for {len(sources)} sources")
             if any(self.eos in p or self.pad in p or len(p) >= self.max_len - 1 for p in prefixes):
                 raise ValueError(f"a target prefix may not contain EOS or PAD, nor exceed {self.max_len - 2} tokens")
+        if constraints is not None:
+            if len(constraints) != len(sources):
+                raise ValueError(f"{len(constraints)} constraint lists for {len(sources)} sources")
+            if any(self.eos in c.tokens or self.pad in c.tokens or self.bos in c.tokens
+                   for terms in constraints for c in terms or ()):
+                raise ValueError("a constraint may not contain BOS, EOS or PAD")
         order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
         results: list[list[Hypothesis]] = [[] for _ in sources]
         start = 0
@@ -119,19 +129,45 @@ class Engine:
                 end += 1
             batch = order[start:end]
             batch_prefixes = [prefixes[i] for i in batch] if prefixes is not None else None
-            for i, hyps in zip(batch, decode_together(self, [sources[i] for i in batch], opts, batch_prefixes)):
+            batch_constraints = [constraints[i] for i in batch] if constraints is not None else None
+            for i, hyps in zip(batch, decode_together(self, [sources[i] for i in batch], opts, batch_prefixes,
+                                                      batch_constraints)):
                 results[i] = hyps
             start = end
         return results
+
+    def encode_constraints(self, terms: Sequence[Any]) -> list[Constraint] | None:
+        """Target strings as the subword ids they are after a space, as in a sentence. A term
+        is a string, or has `.target` (the string: the text pipeline's TermConstraint)."""
+        if not terms:
+            return None
+        targets = [getattr(term, "target", term) for term in terms]
+        return [Constraint(tuple(ids), target.casefold()) for target, ids in zip(targets, self.tokenizer.encode(targets))]
+
+    def piece_texts(self) -> list[str]:
+        """Id -> the text its piece adds (▁ as a space; special ids add nothing): what the
+        search reads to see a constraint written in other subwords. Built once."""
+        if self._piece_texts is None:
+            special = {self.pad, self.bos, self.eos}
+            self._piece_texts = ["" if i in special or self.tokenizer.is_unknown(i) else
+                                 self.tokenizer.id_to_piece(i).replace("\u2581", " ")
+                                 for i in range(self.tokenizer.get_piece_size())]
+        return self._piece_texts
 
     def encode_texts(self, texts: Sequence[str]) -> list[list[int]]:
         """Texts -> source ids as the model reads them (cut to max_len - 1, EOS appended)."""
         return [source_ids(ids, self.max_len, self.eos) for ids in self.tokenizer.encode(list(texts))]
 
     def translate(self, texts: Sequence[str], opts: TranslationOptions | None = None,
-                  prefixes: Sequence[str] | None = None, **batching) -> list[list[Hypothesis]]:
+                  prefixes: Sequence[str] | None = None, constraints: Sequence[Sequence[Any]] | None = None,
+                  **batching) -> list[list[Hypothesis]]:
+        """Texts -> n-best hypotheses with their text; `constraints`: per text, the target
+        strings (glossary translations) every hypothesis contains, in order (see
+        encode_constraints)."""
         prefix_ids = self.tokenizer.encode(list(prefixes)) if prefixes is not None else None
-        results = self.translate_ids(self.encode_texts(texts), opts, prefixes=prefix_ids, **batching)
+        constraint_ids = [self.encode_constraints(terms) for terms in constraints] if constraints is not None else None
+        results = self.translate_ids(self.encode_texts(texts), opts, prefixes=prefix_ids, constraints=constraint_ids,
+                                     **batching)
         for hyps in results:
             for hyp, text in zip(hyps, self.tokenizer.decode([h.tokens for h in hyps])):
                 hyp.text = text

@@ -80,8 +80,10 @@ class Job:
 
     def __init__(self, sources: list[list[int]], opts: TranslationOptions, deadline: float | None = None,
                  on_result: Callable[[int, list[Hypothesis]], None] | None = None,
-                 on_error: Callable[["SchedulerError"], None] | None = None):
+                 on_error: Callable[["SchedulerError"], None] | None = None,
+                 constraints: list[list[list[int]] | None] | None = None):
         self.sources, self.opts, self.deadline = sources, opts, deadline
+        self.constraints = constraints  # per source: target id sequences its hypotheses contain (glossary)
         self.on_result, self.on_error = on_result, on_error
         self.results: list[list[Hypothesis] | None] = [None] * len(sources)
         self.scheduler: Scheduler | None = None  # where it was queued
@@ -273,7 +275,8 @@ class Scheduler:
         for job, index in pairs:
             if job.done:
                 continue
-            items.append(SearchItem(job.sources[index], job.opts, None, (job, index)))
+            items.append(SearchItem(job.sources[index], job.opts, None, (job, index),
+                                    job.constraints[index] if job.constraints is not None else None))
             self._active.add(job)
             if self.metrics is not None:
                 self.metrics.queue_time.labels(self.model).observe(now - job.enqueued)

@@ -8,6 +8,17 @@ reorder the dynamic state (the static state is the same for every beam of a sent
 
 The model is anything with the `DecoderStep` interface (engine.Engine on onnxruntime); its
 decoder state anything with the `SearchState` interface (state.DecoderState).
+
+Lexical constraints (glossary terms, `SearchItem.constraints`): target strings each hypothesis
+must contain, in order, given as the subwords they are after a space. A row emitting a term has
+its next subword as its only candidate. A row with a term still to start starts it where the
+model would put it: when the term's first subword is within CONSTRAINT_MARGIN nats of its best
+token. A term the model writes by itself in other subwords ("l'imprimante" for "▁imprimante")
+counts as written. Until its terms are in, a row may not end: where it would end, or where only
+the room for the pending terms is left, the term is forced there, and the hypothesis says so
+(`Hypothesis.forced_constraint`: the model never wanted the term, so it sits where it does not
+belong; the text pipeline then substitutes it instead). (docs/text.md measures
+this against masking the term and substituting its translation.)
 """
 
 from __future__ import annotations
@@ -20,6 +31,10 @@ import numpy as np
 
 from attnserve.decoding_rules import LengthLimit, SpecialIds, length_normalised, max_target_length
 from attnserve.server.state import fit_axis
+
+# How far below a row's best token (in nats) a constraint's first subword may be to start there.
+# bench/glossary_eval.py chose it: 2.0 kept 99.6% of the terms at the unconstrained chrF.
+CONSTRAINT_MARGIN = 2.0
 
 
 @dataclasses.dataclass
@@ -47,6 +62,15 @@ class Hypothesis:
     score: float  # length-normalised log-probability
     alignment: list[list[float]] | None = None  # per target token (and EOS): weights over source positions
     text: str = ""
+    forced_constraint: bool = False  # a constraint had to be forced where the model would end (module docstring)
+
+
+@dataclasses.dataclass(frozen=True)
+class Constraint:
+    """A target string every hypothesis contains: its subword ids after a space (no BOS, EOS
+    or PAD), and its text, casefolded, to recognise it written in other subwords."""
+    tokens: tuple[int, ...]
+    text: str = ""
 
 
 @dataclasses.dataclass
@@ -58,6 +82,7 @@ class SearchItem:
     opts: TranslationOptions
     prefix: list[int] | None = None
     tag: Any = None
+    constraints: list[Constraint] | None = None  # every hypothesis contains them, in order
 
 
 class SearchState(Protocol):
@@ -139,6 +164,13 @@ class BeamBatch:
         self.history = np.zeros((0, 0), dtype=np.int64)
         self.attention = np.zeros((0, 0, 0), dtype=np.float32)  # (n*beam, L, S), only with alignment
         self.state: SearchState | None = None
+        # Constraints, per row (n*beam,): the next term to emit (index into its item's
+        # constraints) and how many of its subwords the row has emitted (0: not started).
+        self.term_next = np.zeros(0, dtype=np.int64)
+        self.term_pos = np.zeros(0, dtype=np.int64)
+        self.term_forced = np.zeros(0, dtype=bool)  # a term of the row was forced where the model would end
+        # id -> piece text (SentencePiece's ▁ as a space), to see a term written in other subwords.
+        self.piece_texts: list[str] | None = None
         # Candidate j of a sentence (of beam * 2*beam: 2*beam per beam) comes from beam j // (2*beam).
         self.beam_of_candidate = np.repeat(np.arange(beam), 2 * beam)[None, :]  # (1, beam*2*beam)
         self.candidate_positions = np.arange(2 * beam)[None, :]  # (1, 2*beam)
@@ -176,6 +208,8 @@ class BeamBatch:
         else:
             model.join_state(self.state, source_ids, beam)
         joining = len(items)
+        for item, limit in zip(items, (target_length_limit(model, len(i.src), i.opts, i.prefix) for i in items)):
+            item.constraints = _fitting_constraints(item.constraints, limit - len(item.prefix or ()))
         self.items.extend(items)
         self.steps = np.concatenate([self.steps, np.zeros(joining, dtype=np.int64)])
         limits = [target_length_limit(model, len(item.src), item.opts, item.prefix) for item in items]
@@ -187,6 +221,12 @@ class BeamBatch:
         scores[:, 0] = 0.0  # only the first beam is alive at the start
         self.scores = np.concatenate([self.scores, scores])
         self.prev = np.concatenate([self.prev, np.full(joining * beam, self.bos_id, dtype=np.int64)])
+        self.term_next = np.concatenate([self.term_next, np.zeros(joining * beam, dtype=np.int64)])
+        self.term_pos = np.concatenate([self.term_pos, np.zeros(joining * beam, dtype=np.int64)])
+        self.term_forced = np.concatenate([self.term_forced, np.zeros(joining * beam, dtype=bool)])
+        if self.piece_texts is None and any(item.constraints for item in items):
+            pieces = getattr(model, "piece_texts", None)
+            self.piece_texts = pieces() if callable(pieces) else None
         self.history = np.concatenate([self.history, np.full((joining * beam, self.history.shape[1]), self.pad_id, dtype=np.int64)])
         if self.alignment:
             kept = fit_axis(self.attention, 2, self.state.source_width)
@@ -207,11 +247,17 @@ class BeamBatch:
         if sentences == 0:
             return []
         no_eos = np.repeat(self.steps < self.min_lengths, beam)  # (n*beam,) rows that may not end yet
+        forced = self._forced()
+        term_token, in_term = self._constraint_tokens(forced)
+        if term_token is not None:  # a row with a term left may not end; its term's subword is scored
+            no_eos |= term_token != self.pad_id
+            forced = np.where(term_token != self.pad_id, term_token, forced if forced is not None else self.pad_id)
         # One more candidate per row replaces an EOS dropped on those rows.
         eos_replacement = int(no_eos.any())
-        forced = self._forced()
         top_log_probs, top_ids, forced_log_probs, alignment = self.model.decode_step(
             self.state, self.prev, 2 * beam + eos_replacement, forced, self.alignment)  # (n*beam, 2*beam [+1])
+        if term_token is not None:
+            forced = self._constraint_decisions(forced, term_token, in_term, top_log_probs, top_ids, forced_log_probs)
         if eos_replacement:
             top_log_probs[no_eos[:, None] & (top_ids == eos)] = -np.inf
             order = np.argsort(-top_log_probs, axis=1, kind="stable")[:, : 2 * beam]
@@ -243,6 +289,8 @@ class BeamBatch:
         self.state.reorder(parent_rows)
         self.state.bound_cache(int(self.steps.max()) + 1)  # cached steps the next step needs, at most
         self.history = np.concatenate([self.history[parent_rows], self.prev[:, None]], axis=1)
+        if term_token is not None:
+            self._advance_constraints(parent_rows)
         if self.alignment:
             self.attention = self.attention[parent_rows]
         self.steps += 1
@@ -267,6 +315,82 @@ class BeamBatch:
                   for item, step in zip(self.items, self.steps.tolist())]
         return np.repeat(np.array(forced, dtype=np.int64), self.beam_size)
 
+    def _constraint_tokens(self, forced: np.ndarray | None) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Per row (n*beam,): the subword of its constraints it would emit next (PAD: none left,
+        or a target prefix still being forced), and whether it is inside a term; (None, None) if
+        no sentence of the batch has constraints."""
+        if not any(item.constraints for item in self.items):
+            return None, None
+        beam = self.beam_size
+        token = np.full(len(self.prev), self.pad_id, dtype=np.int64)
+        for sentence, item in enumerate(self.items):
+            if not item.constraints or self.closed[sentence]:
+                continue
+            for row in range(sentence * beam, sentence * beam + beam):
+                nxt = self.term_next[row]
+                if nxt < len(item.constraints) and (forced is None or forced[row] == self.pad_id):
+                    token[row] = item.constraints[nxt].tokens[self.term_pos[row]]
+        return token, (token != self.pad_id) & (self.term_pos > 0)
+
+    def _constraint_decisions(self, forced: np.ndarray, term_token: np.ndarray, in_term: np.ndarray,
+                              top_log_probs: np.ndarray, top_ids: np.ndarray, forced_log_probs: np.ndarray) -> np.ndarray:
+        """The rows that take their constraint subword at this step (the others keep their
+        prefix token or PAD): those inside a term, and those whose term starts here."""
+        beam = self.beam_size
+        pending = (term_token != self.pad_id) & ~in_term
+        start = pending
+        if pending.any():
+            steps, limits = np.repeat(self.steps, beam), np.repeat(self.limits, beam)
+            need = np.zeros(len(term_token), dtype=np.int64)  # subwords of the row's terms not yet emitted
+            for row in np.flatnonzero(pending):
+                need[row] = sum(len(c.tokens) for c in self.items[row // beam].constraints[self.term_next[row]:])
+            wanted = forced_log_probs >= top_log_probs[:, 0] - CONSTRAINT_MARGIN
+            forced_here = pending & ~wanted & ((top_ids[:, 0] == self.eos_id) | (need >= limits - steps))
+            self.term_forced |= forced_here
+            start = pending & (wanted | forced_here)
+        take = in_term | start
+        kept_prefix = (forced != self.pad_id) & (term_token == self.pad_id)
+        return np.where(take | kept_prefix, forced, self.pad_id)
+
+    def _advance_constraints(self, parent_rows: np.ndarray) -> None:
+        """After the beams chose (self.prev, and the history has it): each row continues its
+        parent's constraint state with the token it took."""
+        self.term_next, self.term_pos = self.term_next[parent_rows], self.term_pos[parent_rows]
+        self.term_forced = self.term_forced[parent_rows]
+        beam = self.beam_size
+        for sentence, item in enumerate(self.items):
+            if not item.constraints or self.closed[sentence]:
+                continue
+            for row in range(sentence * beam, sentence * beam + beam):
+                nxt = self.term_next[row]
+                if nxt >= len(item.constraints):
+                    continue
+                constraint = item.constraints[nxt]
+                term = constraint.tokens
+                if self.term_pos[row] > 0 or self.prev[row] == term[0]:  # inside the term (forced), or it starts
+                    self.term_pos[row] += 1
+                elif self._written(row, constraint):
+                    self.term_next[row] += 1
+                    continue
+                if self.term_pos[row] == len(term):
+                    self.term_next[row], self.term_pos[row] = nxt + 1, 0
+
+    def _written(self, row: int, constraint: Constraint) -> bool:
+        """Whether the row's last tokens (self.prev included) end the constraint's text, written
+        in other subwords than the constraint's own."""
+        if self.piece_texts is None or not constraint.text:
+            return False
+        tail, chars = [], 0
+        generated = int(self.steps[row // self.beam_size]) + 1  # this step's token is in the history already
+        tokens = self.history[row, -min(generated, len(constraint.tokens) + 4):].tolist()
+        for token in reversed(tokens):
+            tail.append(self.piece_texts[token])
+            chars += len(tail[-1])
+            if chars > len(constraint.text) + 1:
+                break
+        text = "".join(reversed(tail)).casefold()
+        return text.endswith(constraint.text) and (len(text) == len(constraint.text) or not text[-len(constraint.text) - 1].isalnum())
+
     def _hypothesis(self, sentence: int, row: int, score: float, generated: int, ended: bool) -> Hypothesis:
         """A finished hypothesis of `sentence` from `row`: its last `generated` tokens, plus the
         EOS just chosen if it ended (which counts in the length and has an alignment row)."""
@@ -276,7 +400,8 @@ class BeamBatch:
         alignment = None
         if self.alignment:
             alignment = self.attention[row, self.attention.shape[1] - length:, : len(item.src)].tolist()
-        return Hypothesis(tokens, length_normalised(float(score), length, item.opts.length_penalty), alignment)
+        return Hypothesis(tokens, length_normalised(float(score), length, item.opts.length_penalty), alignment,
+                          forced_constraint=bool(self.term_forced[row]) if item.constraints else False)
 
     def _compact(self) -> None:
         """Drop the rows of closed (done or cancelled) sentences. Sentences from the end of the
@@ -297,6 +422,7 @@ class BeamBatch:
         self.closed, self.scores = self.closed[order], self.scores[order]
         longest = int(self.steps.max(initial=0))  # older columns belong to sentences that left
         self.prev = self.prev[rows]
+        self.term_next, self.term_pos, self.term_forced = self.term_next[rows], self.term_pos[rows], self.term_forced[rows]
         self.history = self.history[rows][:, self.history.shape[1] - longest:]
         if self.alignment:
             self.attention = self.attention[rows][:, self.attention.shape[1] - longest:]
@@ -308,11 +434,30 @@ class BeamBatch:
             self.state.keep_rows(rows, max(len(item.src) for item in self.items))
 
 
+def _fitting_constraints(constraints: list[Constraint] | None, room: int) -> list[Constraint] | None:
+    """The constraints (empty terms left out) that fit, in order, in `room` target tokens with
+    one to spare; a term that does not fit, and those after it, are dropped (the caller sees it
+    missing from the output)."""
+    if not constraints:
+        return None
+    kept, used = [], 0
+    for term in constraints:
+        if not term.tokens:
+            continue
+        if used + len(term.tokens) >= room:
+            break
+        kept.append(term)
+        used += len(term.tokens)
+    return kept or None
+
+
 def decode_together(model: DecoderStep, sources: Sequence[list[int]], opts: TranslationOptions,
-                    prefixes: Sequence[list[int]] | None = None) -> list[list[Hypothesis]]:
+                    prefixes: Sequence[list[int]] | None = None,
+                    constraints: Sequence[list[Constraint] | None] | None = None) -> list[list[Hypothesis]]:
     """Decode these sources (ids ending in EOS) as one batch until every one is done."""
     batch = BeamBatch(model, opts.beam_size, opts.return_alignment)
-    batch.add([SearchItem(list(src), opts, list(prefixes[i]) if prefixes is not None else None, i)
+    batch.add([SearchItem(list(src), opts, list(prefixes[i]) if prefixes is not None else None, i,
+                          constraints[i] if constraints is not None else None)
                for i, src in enumerate(sources)])
     results: list[list[Hypothesis]] = [[] for _ in sources]
     while len(batch):

@@ -27,6 +27,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from attnserve.v1 import reader_pb2_grpc
 from attnserve.v1 import translator_pb2 as pb
 from attnserve.v1 import translator_pb2_grpc as pb_grpc
 from attnserve.server.auth import ClientKeys
@@ -34,6 +35,7 @@ from attnserve.server.config import ServerConfig
 from attnserve.server.deadlines import deadline_in, timeout_until
 from attnserve.server.engine import Hypothesis, TranslationOptions
 from attnserve.server.metrics import Metrics
+from attnserve.server.reader_service import DEFAULT_READER, READER_SERVICE_NAME, ReaderRepository, ReaderServicer
 from attnserve.server.repository import EngineConfig, ModelNotFound, ModelRepository, ModelVersion
 from attnserve.server.scheduler import BatchingConfig, Job, SchedulerError
 from attnserve.server.text import (Glossary, GlossaryEntry, GlossaryError, PipelineConfig, Plan, TextError, TextFormat,
@@ -99,6 +101,7 @@ class TextRequest:
     pipeline: TextPipeline
     plan: Plan
     sources: list[list[int]]
+    constraints: list[list[list[int]] | None] | None  # glossary targets per source (ids), None: no glossary
 
 
 class TranslationService:
@@ -175,7 +178,11 @@ class TranslationService:
         response = pb.TranslateResponse(model=model.name, version=model.version)
         if request.options.text_format:  # the text pipeline: documents, markup, placeholders
             text = self.prepare_text(model, request.options, opts, request.sentences, lambda i: f"sentence {i}")
-            hypotheses = [hyps[0] for hyps in self.run_job(model, text.sources, opts, context)] if text.sources else []
+            hypotheses = ([hyps[0] for hyps in self.run_job(model, text.sources, opts, context, text.constraints)]
+                          if text.sources else [])
+            again = self.fallback_text(model, text, hypotheses)
+            for index, hyps in zip(again, self.run_job(model, list(again.values()), opts, context) if again else []):
+                hypotheses[index] = hyps[0]
             response.translations.extend(self.finish_text(text, hypotheses))
             return response
         sources = [self.encode(model, text, f"sentence {i}") for i, text in enumerate(request.sentences)]
@@ -186,10 +193,11 @@ class TranslationService:
         return response
 
     def run_job(self, model: ModelVersion, sources: list[list[int]], opts: TranslationOptions,
-                context: CallContext) -> list[list[Hypothesis]]:
-        """One scheduler job for `sources`, waited for until the call's deadline; the
-        hypotheses of each source, or RequestError with the scheduler's reason."""
-        job = Job(sources, opts, self.deadline(context))
+                context: CallContext, constraints: list[list[list[int]] | None] | None = None) -> list[list[Hypothesis]]:
+        """One scheduler job for `sources` (with glossary constraints per source, if any),
+        waited for until the call's deadline; the hypotheses of each source, or RequestError
+        with the scheduler's reason."""
+        job = Job(sources, opts, self.deadline(context), constraints=constraints)
         self.submit(model, job)
         context.add_callback(lambda: job.scheduler.cancel(job))  # client gone: stop its work
         if not job.wait(timeout_until(job.deadline)):
@@ -238,7 +246,17 @@ class TranslationService:
         # sentence whose masks outgrow the margin); the plan does not say whose sentence it is.
         what = name(0) if len(texts) == 1 else "the request"
         sources = [self.encode(model, text, f"a sentence of {what}") for text in plan.sources]
-        return TextRequest(pipeline, plan, sources)
+        constraints = ([model.engine.encode_constraints(terms) for terms in plan.constraints]
+                       if any(plan.constraints) else None)
+        return TextRequest(pipeline, plan, sources, constraints)
+
+    def fallback_text(self, model: ModelVersion, text: "TextRequest", hypotheses: Sequence[Hypothesis]) -> dict[int, list[int]]:
+        """The sentences to translate again with their glossary terms substituted (the search
+        had to force a term where the model would end: pipeline.fallback), as model inputs."""
+        if text.constraints is None:
+            return {}
+        return {index: self.encode(model, source, "a sentence of the request")
+                for index, source in text.pipeline.fallback(text.plan, hypotheses).items()}
 
     @staticmethod
     def finish_text(text: "TextRequest", hypotheses: Sequence[Hypothesis]) -> list[pb.Translation]:
@@ -260,7 +278,8 @@ class TranslationService:
         with self._pipelines_lock:
             pipeline = self._pipelines.get(id(model))
             if pipeline is None or pipeline[0] is not model:
-                config = PipelineConfig(max_source_tokens=min(self.config.max_tokens_per_sentence, model.engine.max_len - 1))
+                config = PipelineConfig(max_source_tokens=min(self.config.max_tokens_per_sentence, model.engine.max_len - 1),
+                                        glossary_mode=self.config.glossary_mode)
                 self._pipelines[id(model)] = pipeline = (model, TextPipeline.for_engine(model.engine, config))
         low = options.low_confidence if options.HasField("low_confidence") else None
         if low is None:
@@ -507,18 +526,53 @@ class _Stream:
             if text is None:
                 respond(lambda: service.translation(model, sources[0], hypotheses, opts), job)
             elif job.remaining == 0:  # the item's last sentence (deliver counts it before calling)
-                respond(lambda: service.finish_text(text, [hyps[0] for hyps in job.results])[0], job)
+                best = [hyps[0] for hyps in job.results]
+                try:
+                    again = service.fallback_text(model, text, best)
+                except RequestError as exc:
+                    self._error(item.id, exc.code, str(exc), model.name, model.version, job)
+                    return
+                if again:
+                    self._retry(item.id, model, opts, text, best, again, job, respond)
+                else:
+                    respond(lambda: service.finish_text(text, best)[0], job)
 
         def on_error(exc: SchedulerError) -> None:
             self._error(item.id, SCHEDULER_CODES[exc.reason], str(exc), model.name, model.version, job)
 
-        job = Job(sources, opts, self.deadline, on_result=on_result, on_error=on_error)
+        job = Job(sources, opts, self.deadline, on_result=on_result, on_error=on_error,
+                  constraints=text.constraints if text is not None else None)
         with self._lock:
             self._in_flight.add(job)
         try:
             service.submit(model, job)
         except RequestError as exc:
             self._error(item.id, exc.code, str(exc), model.name, model.version, job)
+
+    def _retry(self, item_id: str, model: ModelVersion, opts: TranslationOptions, text: TextRequest,
+               best: list[Hypothesis], again: dict[int, list[int]], first: Job,
+               respond: Callable[[Callable[[], pb.Translation], Job | None], None]) -> None:
+        """The item's second job: its sentences whose glossary term falls back to substitution
+        (from the scheduler thread that finished the first)."""
+        service = self.service
+
+        def on_result(_index: int, _hypotheses: list[Hypothesis]) -> None:
+            if retry.remaining == 0:
+                for index, hyps in zip(again, retry.results):
+                    best[index] = hyps[0]
+                respond(lambda: service.finish_text(text, best)[0], retry)
+
+        def on_error(exc: SchedulerError) -> None:
+            self._error(item_id, SCHEDULER_CODES[exc.reason], str(exc), model.name, model.version, retry)
+
+        retry = Job(list(again.values()), opts, self.deadline, on_result=on_result, on_error=on_error)
+        with self._lock:
+            self._in_flight.add(retry)
+            self._in_flight.discard(first)
+        try:
+            service.submit(model, retry)
+        except RequestError as exc:
+            self._error(item_id, exc.code, str(exc), model.name, model.version, retry)
 
     # -- answers, from any thread ----------------------------------------------------------------
 
@@ -602,6 +656,9 @@ class TranslationServer:
             self.metrics, on_change=self.update_health)
         self.service = TranslationService(config, self.repository, self.metrics)
         self.servicer = TranslatorServicer(self.service)
+        # The image reader's bundles live in the same repository (server/reader_service.py).
+        self.readers = ReaderRepository(config.model_repository, threads=max(config.threads, 1), on_change=self.update_health)
+        self.reader_servicer = ReaderServicer(self.readers, self.service.record)
         interceptors = [BearerTokenInterceptor(self.service)] if self.service.keys.required else []
         options = [
             ("grpc.max_receive_message_length", config.max_message_bytes),
@@ -622,8 +679,10 @@ class TranslationServer:
         self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rpc"),
                                 interceptors=interceptors, options=options, maximum_concurrent_rpcs=config.workers)
         pb_grpc.add_TranslatorServicer_to_server(self.servicer, self.grpc)
+        reader_pb2_grpc.add_ReaderServicer_to_server(self.reader_servicer, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
+        reflection.enable_server_reflection((SERVICE_NAME, READER_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+                                            self.grpc)
         address = f"{config.host}:{config.port}"
         if config.tls_cert:
             with open(config.tls_key, "rb") as key, open(config.tls_cert, "rb") as cert:
@@ -649,6 +708,11 @@ class TranslationServer:
         serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
         for name in self.repository.model_names():
             self.health.set(name, serving if self.repository.ready(name) else not_serving)
+        readers = getattr(self, "readers", None)  # None while __init__ builds the reader repository
+        for name in readers.names() if readers is not None else ():
+            self.health.set(name, serving if readers.ready(name) else not_serving)
+        if readers is not None:
+            self.health.set(READER_SERVICE_NAME, serving if readers.ready(DEFAULT_READER) else not_serving)
         overall = serving if self.repository.ready(self.config.default_model) else not_serving
         self.health.set("", overall)
         self.health.set(SERVICE_NAME, overall)
@@ -656,10 +720,12 @@ class TranslationServer:
     def start(self) -> None:
         """Load the repository, then listen (health says SERVING once the default model is ready)."""
         self.repository.scan()
+        self.readers.scan()
         if not self.repository.ready(self.config.default_model):
             log.error("the default model %r is not ready: %s", self.config.default_model,
                       "; ".join(f"{v.name}/{v.version} {v.state} {v.reason}" for v in self.repository.versions()) or "repository empty")
         self.repository.start_polling(self.config.poll_seconds)
+        self.readers.start_polling(self.config.poll_seconds)
         if self.config.metrics_port:
             self.metrics_port = self.metrics.serve(self.config.metrics_port)
         self.grpc.start()
@@ -682,6 +748,7 @@ class TranslationServer:
         if http_stopped is not None:
             http_stopped.join()
         self.repository.close(timeout=1.0)
+        self.readers.close()
         self.metrics.stop()
         log.info("stopped")
 
@@ -700,7 +767,11 @@ def serve(config: ServerConfig) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGHUP, lambda *_: server.repository.rescan_in_background())
+    def rescan(*_) -> None:
+        server.repository.rescan_in_background()
+        threading.Thread(target=server.readers.scan, name="reader-rescan", daemon=True).start()
+
+    signal.signal(signal.SIGHUP, rescan)
     server.start()
     while not stop.wait(1.0):
         pass

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from attnserve.decoding_rules import SPECIAL_IDS, LengthLimit, length_normalised
-from attnserve.server.search import BeamBatch, DecoderStep, SearchItem, TranslationOptions, decode_together
+from attnserve.server.search import BeamBatch, Constraint, DecoderStep, SearchItem, TranslationOptions, decode_together
 
 ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 8
@@ -106,6 +106,42 @@ def test_sentences_join_and_leave_a_running_toy_batch() -> None:
         done.update((item.tag, hyps) for item, hyps in batch.step())
     assert done["short"][0].tokens == [5, 6] and len(done["long"][0].tokens) >= 6
     assert batch.state is None and batch.longest_source == 0
+
+
+def _contains(tokens: list[int], term: tuple[int, ...]) -> bool:
+    return any(tuple(tokens[i:i + len(term)]) == term for i in range(len(tokens) - len(term) + 1))
+
+
+@pytest.mark.parametrize("beam", [1, 2])
+def test_constraints_appear_where_the_model_wants_them_and_are_forced_otherwise(beam: int) -> None:
+    opts = TranslationOptions(beam_size=beam, nbest=beam)
+    wanted, unwanted, two = [Constraint((6,))], [Constraint((4,))], [Constraint((7,)), Constraint((5, 6))]
+    results = decode_together(ToyStep(), [[4, EOS]] * 4, opts, constraints=[wanted, unwanted, two, None])
+    # 6 is the second choice after BOS (within the margin): taken there, then EOS; nothing forced.
+    assert results[0][0].tokens == [6] and not results[0][0].forced_constraint
+    # 4 is never within 2 nats of the best: the sentence would end after 5, 6; 4 is forced there.
+    assert results[1][0].tokens[:3] == [5, 6, 4] and results[1][0].forced_constraint
+    for hypotheses, terms in zip(results, (wanted, unwanted, two)):  # every hypothesis of the n-best
+        assert len(hypotheses) == beam and all(_contains(h.tokens, t.tokens) for h in hypotheses for t in terms)
+    tokens = results[2][0].tokens  # both terms, in order
+    assert tokens.index(7) < max(i for i in range(len(tokens) - 1) if tokens[i:i + 2] == [5, 6])
+    assert results[3][0].tokens == [5, 6] and not results[3][0].forced_constraint  # no constraints: as before
+
+
+def test_a_constraint_written_in_other_subwords_counts_and_one_that_cannot_fit_is_dropped() -> None:
+    class Pieces(ToyStep):
+        def piece_texts(self) -> list[str]:
+            texts = [""] * VOCAB
+            texts[5], texts[6], texts[7] = " ab", "c", " abc"
+            return texts
+
+    opts = TranslationOptions(beam_size=1)
+    # 7 is " abc" as one piece; the model writes " ab" + "c" (5, 6) by itself: nothing is forced.
+    (hypotheses,) = decode_together(Pieces(), [[4, EOS]], opts, constraints=[[Constraint((7,), "abc")]])
+    assert hypotheses[0].tokens == [5, 6] and not hypotheses[0].forced_constraint
+    # A term longer than the length limit (2 * 2 + 10 = 14 here) leaves the search unconstrained.
+    (hypotheses,) = decode_together(ToyStep(), [[4, EOS]], opts, constraints=[[Constraint((7,) * 20)]])
+    assert hypotheses[0].tokens == [5, 6] and not hypotheses[0].forced_constraint
 
 
 def _imports(path: Path) -> set[str]:

@@ -287,6 +287,33 @@ def test_glossary_terms_appear(shipped) -> None:
                 assert entry.target in result.text, (message, result.text)
 
 
+def test_constrained_glossary_keeps_the_sentence_and_falls_back_for_unknown_terms(shipped) -> None:
+    """glossary_mode constrained (the default): a term the model writes itself is left where it
+    puts it (the article before it kept, unlike substitution, which translates around a mask),
+    and a term the model never wanted (a name) is substituted instead of stuck at the end."""
+    from attnserve.server.text import PipelineConfig
+
+    pipeline, translate = shipped
+    substituting = TextPipeline(pipeline.tokenizer, dataclasses.replace(pipeline.config, glossary_mode="substitute"))
+    glossary = Glossary([GlossaryEntry.checked("file", "fichier"), GlossaryEntry.checked("Software Center", "Logithèque")])
+    known = "Unable to move file to its original location"
+    [plain] = pipeline.translate([TextItem(known)], translate)
+    [constrained] = pipeline.translate([TextItem(known, glossary=glossary)], translate)
+    [substituted] = substituting.translate([TextItem(known, glossary=glossary)], translate)
+    assert "le fichier" in plain.text and constrained.text == plain.text  # the model's own sentence
+    assert "le fichier" not in substituted.text and "fichier" in substituted.text
+    # The name: constrained decoding alone puts it where the sentence would end ...
+    unknown = TextItem("<p>Open the <b>Software Center</b> now.</p>", TextFormat.HTML, glossary)
+    plan = pipeline.prepare([unknown])
+    hypotheses = translate(plan.sources, plan.constraints)
+    assert plan.constraints == [["Logithèque"]] and hypotheses[0].forced_constraint
+    # ... so the sentence is translated again with the term substituted, markup and all.
+    [result] = pipeline.translate([unknown], translate)
+    markup.check_well_formed(result.text)
+    assert "<b>Logithèque</b>" in result.text and not any(f.startswith("glossary") for f in result.flags)
+    assert PipelineConfig().glossary_mode == "constrained"
+
+
 def test_a_message_that_is_only_a_term_gets_its_translation(shipped) -> None:
     # Nothing is left for the model once the term is masked ("Password: ", "_User" are messages
     # of their own in many catalogs): the copy must still get the term's translation, and the

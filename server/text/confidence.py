@@ -20,8 +20,8 @@ import math
 from collections.abc import Sequence
 
 # Flags that lower confidence: the model did not keep a placeholder, a term or the markup.
-PROBLEM_PREFIXES = ("placeholder_projected", "placeholder_extra", "glossary_projected", "markup_reordered",
-                    "markup_projected")
+PROBLEM_PREFIXES = ("placeholder_projected", "placeholder_extra", "glossary_projected", "glossary_missing",
+                    "markup_reordered", "markup_projected")
 
 
 @dataclasses.dataclass(frozen=True)

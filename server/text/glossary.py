@@ -1,9 +1,9 @@
-"""Glossary and do-not-translate terms, applied by protection and substitution.
+"""Glossary and do-not-translate terms: where they are in a text, and what they become.
 
-A term found in a sentence is masked like a placeholder, and its mask is replaced by the
-term's translation afterwards (a do-not-translate term's translation is itself). The engine
-offers no constrained decoding, only target prefixes; substitution is what it can do without
-reaching into the search, and docs/text.md measures it against the unconstrained model.
+The pipeline applies them (pipeline.py): by constrained decoding, the term's translation made to
+appear in the model's output (search.py), falling back to substitution for a sentence where the
+model never wanted the term: the term masked like a placeholder and its mask replaced by the
+translation (a do-not-translate term's translation is itself). docs/text.md measures both.
 
 Per model: `glossary.tsv` in the bundle's directory, `source<TAB>target` a line (`#` comments;
 an empty target means do not translate). Per request: entries given with the request, which

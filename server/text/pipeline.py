@@ -4,8 +4,19 @@ One interface below every front end (gRPC, the offline batch tool, the HTTP gate
 
     pipeline = TextPipeline.for_engine(engine)             # or TextPipeline(tokenizer, ...)
     plan = pipeline.prepare([TextItem(text, TextFormat.HTML)])   # TextError names a bad item
-    hypotheses = translate(plan.sources)                   # best Hypothesis, with alignment, per source
+    hypotheses = translate(plan.sources, plan.constraints)  # best Hypothesis (with alignment) per source
+    for index, source in pipeline.fallback(plan, hypotheses).items():   # glossary terms, see below
+        hypotheses[index] = translate([source])[0]
     results = pipeline.finish(plan, hypotheses)            # TextResult per item
+
+Glossary terms (glossary_mode "constrained", the default): the term stays in the source and its
+translation is a constraint of that sentence's decoding (plan.constraints: target strings per
+source; search.py makes them appear where the model puts them). Where the model never wanted a
+term (a name it does not know, or a word it translates otherwise) the search forces it where the
+sentence would end, and says so; `fallback` then switches that sentence to substitution: the
+term masked like a placeholder, translated again, and its translation put in the mask's place.
+A term still missing is flagged `glossary_missing:TERM`. glossary_mode "substitute" substitutes
+every term (docs/text.md, "Glossary", measures the three).
 
 `prepare` and `finish` are pure Python; the model call between them is whatever the front end
 uses (the server's scheduler, Engine.translate offline), so batching, deadlines and
@@ -67,6 +78,7 @@ class PipelineConfig:
     split_margin: int = 16  # tokens left for masks, which can be longer than what they hide
     max_text_chars: int = 200_000  # one item
     max_glossary_entries: int = 1000  # per request
+    glossary_mode: str = "constrained"  # or "substitute" (see the module docstring)
     low_confidence: float | None = None  # flag sentences below this
     weights: ConfidenceWeights = ConfidenceWeights()
 
@@ -112,6 +124,8 @@ class _Sentence:
     masked: Masked
     breaks: list[tuple[int, int, str]]  # soft line breaks: (start, end, whitespace) in `source`
     source_index: int | None  # into plan.sources; None: nothing to translate, copied
+    terms: list[str] = dataclasses.field(default_factory=list)  # constrained glossary translations to find
+    substitute: Masked | None = None  # the sentence with its terms masked: the fallback's model input
     # finish:
     translation: str = ""
     alignment: SentenceAlignment | None = None
@@ -143,6 +157,8 @@ class _ItemPlan:
 class Plan:
     items: list[_ItemPlan]
     sources: list[str]  # model inputs, in order; finish wants one hypothesis for each
+    constraints: list[list[str]] = dataclasses.field(default_factory=list)  # per source: glossary targets
+    sentences: list[_Sentence] = dataclasses.field(default_factory=list)  # per source: whose it is
 
 
 class TextPipeline:
@@ -166,17 +182,19 @@ class TextPipeline:
     # -- prepare ---------------------------------------------------------------------------------
 
     def prepare(self, items: Sequence[TextItem]) -> Plan:
+        if self.config.glossary_mode not in ("constrained", "substitute"):
+            raise ValueError(f"unknown glossary_mode {self.config.glossary_mode!r}; choose constrained or substitute")
         plan = Plan([], [])
         for index, item in enumerate(items):
             try:
-                plan.items.append(self._prepare_item(item, plan.sources))
+                plan.items.append(self._prepare_item(item, plan))
             except (markup.MarkupError, icu.IcuError, GlossaryError) as exc:
                 raise TextError(index, str(exc)) from None
             except TextError as exc:
                 raise TextError(index, exc.reason) from None
         return plan
 
-    def _prepare_item(self, item: TextItem, sources: list[str]) -> _ItemPlan:
+    def _prepare_item(self, item: TextItem, plan: Plan) -> _ItemPlan:
         config = self.config
         if len(item.text) > config.max_text_chars:
             raise TextError(-1, f"{len(item.text)} characters; the limit is {config.max_text_chars}")
@@ -191,16 +209,16 @@ class TextPipeline:
                 if isinstance(part, str):
                     parts.append(part)
                     continue
-                block = self._block(part.text, True, False, glossary, sources)
+                block = self._block(part.text, True, False, glossary, plan)
                 block.unit = part
                 blocks.append(block)
                 parts.append(block)
             return _ItemPlan(item, blocks, parts)
         message = item.format == TextFormat.SENTENCE
-        block = self._block(item.text, not message, message, glossary, sources)
+        block = self._block(item.text, not message, message, glossary, plan)
         return _ItemPlan(item, [block], [block])
 
-    def _block(self, text: str, split_sentences: bool, message: bool, glossary: Glossary, sources: list[str],
+    def _block(self, text: str, split_sentences: bool, message: bool, glossary: Glossary, plan: Plan,
                plural: bool = False) -> _Block:
         config = self.config
         accelerator = None
@@ -208,7 +226,7 @@ class TextPipeline:
             text, accelerator = take_accelerator(text)
         block = _Block(text, [], {}, [], accelerator)
         if message and config.icu:
-            text = self._take_icu(block, text, glossary, sources)
+            text = self._take_icu(block, text, glossary, plan)
         if plural:  # `#` in a plural sub-message is the number: a placeholder of its own
             sentinel = _free_sentinel(text, block)
             if "#" in text:
@@ -224,15 +242,15 @@ class TextPipeline:
         block.pieces = self._cut_long(text, pieces, protected)
         for number, piece in enumerate(block.pieces):
             if piece.sentence:
-                block.sentences[number] = self._sentence(text, piece, block.spans, sources)
+                block.sentences[number] = self._sentence(text, piece, block.spans, plan)
         return block
 
-    def _take_icu(self, block: _Block, text: str, glossary: Glossary, sources: list[str]) -> str:
+    def _take_icu(self, block: _Block, text: str, glossary: Glossary, plan: Plan) -> str:
         """The text with each ICU plural/select block as one sentinel; its sub-messages become
         child blocks."""
         for found in reversed(icu.find_blocks(text)):
             sentinel = _free_sentinel(text, block)
-            children = [self._block(message, False, True, glossary, sources, plural=found.kind != "select")
+            children = [self._block(message, False, True, glossary, plan, plural=found.kind != "select")
                         for message in found.messages]
             block.icu[sentinel] = (found, children)
             text = text[:found.start] + sentinel + text[found.end:]
@@ -255,7 +273,7 @@ class TextPipeline:
     def _count_tokens(self, text: str) -> int:
         return len(self.tokenizer.encode(text))
 
-    def _sentence(self, text: str, piece: segment.Piece, spans: list[ProtectedSpan], sources: list[str]) -> _Sentence:
+    def _sentence(self, text: str, piece: segment.Piece, spans: list[ProtectedSpan], plan: Plan) -> _Sentence:
         source = piece.text_of(text)
         local = [dataclasses.replace(s, start=s.start - piece.start, end=s.end - piece.start)
                  for s in spans if s.start >= piece.start and s.end <= piece.end]
@@ -266,9 +284,31 @@ class TextPipeline:
         masked = mask(flat, local, self.config.mask_style)
         masked.source = source
         if not any(ch.isalpha() for ch in re.sub(self.config.mask_style.pattern, "", masked.text)):
-            return _copied(source, masked, breaks)
-        sources.append(masked.text)
-        return _Sentence(source, masked, breaks, len(sources) - 1)
+            return _copied(source, masked, breaks)  # a term alone is replaced in either mode
+        terms, substitute = [], None
+        if self.config.glossary_mode == "constrained" and any(s.kind == "glossary" for s in local):
+            # The terms stay for the model to read; their translations become constraints.
+            terms, substitute = [s.output for s in local if s.kind == "glossary"], masked
+            masked = mask(flat, [s for s in local if s.kind != "glossary"], self.config.mask_style)
+            masked.source = source
+        sentence = _Sentence(source, masked, breaks, len(plan.sources), terms, substitute)
+        plan.sources.append(masked.text)
+        plan.constraints.append(terms)
+        plan.sentences.append(sentence)
+        return sentence
+
+    def fallback(self, plan: Plan, hypotheses: Sequence[Hypothesis]) -> dict[int, str]:
+        """The sentences whose glossary term the search had to force where the model would end
+        (`forced_constraint`), switched to substitution: {source index: its new model input},
+        to translate again (without constraints) before finish."""
+        again = {}
+        for index, hypothesis in enumerate(hypotheses):
+            sentence = plan.sentences[index]
+            if getattr(hypothesis, "forced_constraint", False) and sentence.substitute is not None:
+                sentence.masked, sentence.terms, sentence.substitute = sentence.substitute, [], None
+                plan.sources[index] = again[index] = sentence.masked.text
+                plan.constraints[index] = []
+        return again
 
     # -- finish ----------------------------------------------------------------------------------
 
@@ -349,6 +389,10 @@ class TextPipeline:
             else:
                 edits.append(Edit(point, point, whitespace))
         restored, to_new = apply_edits(output, edits)
+        folded = restored.casefold()
+        for term in sentence.terms:  # constrained decoding drops a term only when it cannot fit
+            if term.casefold() not in folded:
+                flags.append(f"glossary_missing:{term}")
         sentence.translation = restored
         sentence.alignment = SentenceAlignment(
             [(masked.to_source(a), masked.to_source(b, end=True)) for a, b in source],
@@ -415,15 +459,32 @@ class TextPipeline:
     # -- convenience -----------------------------------------------------------------------------
 
     def translate(self, items: Sequence[TextItem], translate: Callable[[list[str]], Sequence[Any]]) -> list[TextResult]:
+        """`translate(sources)`, or `translate(sources, constraints)` when a glossary term is to
+        be made to appear (constraints: per source, target strings; engine_translator takes
+        them): one best hypothesis per source."""
         plan = self.prepare(items)
-        hypotheses = translate(plan.sources) if plan.sources else []
+        if not plan.sources:
+            hypotheses = []
+        elif any(plan.constraints):
+            hypotheses = list(translate(plan.sources, plan.constraints))
+            again = self.fallback(plan, hypotheses)
+            for index, hypothesis in zip(again, translate(list(again.values())) if again else []):
+                hypotheses[index] = hypothesis
+        else:
+            hypotheses = translate(plan.sources)
         return self.finish(plan, hypotheses)
 
 
-def engine_translator(engine: Any, options: Any) -> Callable[[list[str]], list[Any]]:
-    """Best hypothesis (with alignment) per source from an Engine, as `finish` needs them."""
+def engine_translator(engine: Any, options: Any) -> Callable[..., list[Any]]:
+    """Best hypothesis (with alignment) per source from an Engine, as `finish` needs them, with
+    the plan's glossary constraints."""
     options = dataclasses.replace(options, return_alignment=True, nbest=1)
-    return lambda sources: [hyps[0] for hyps in engine.translate(sources, options)]
+
+    def translate(sources: list[str], constraints: list[list[str]] | None = None) -> list[Any]:
+        wanted = constraints if constraints is not None and any(constraints) else None
+        return [hyps[0] for hyps in engine.translate(sources, options, constraints=wanted)]
+
+    return translate
 
 
 def _copied(source: str, masked: Masked, breaks: list[tuple[int, int, str]]) -> _Sentence:
