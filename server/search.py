@@ -208,11 +208,11 @@ class BeamBatch:
         else:
             model.join_state(self.state, source_ids, beam)
         joining = len(items)
-        for item, limit in zip(items, (target_length_limit(model, len(i.src), i.opts, i.prefix) for i in items)):
+        limits = [target_length_limit(model, len(item.src), item.opts, item.prefix) for item in items]
+        for item, limit in zip(items, limits):
             item.constraints = _fitting_constraints(item.constraints, limit - len(item.prefix or ()))
         self.items.extend(items)
         self.steps = np.concatenate([self.steps, np.zeros(joining, dtype=np.int64)])
-        limits = [target_length_limit(model, len(item.src), item.opts, item.prefix) for item in items]
         self.limits = np.concatenate([self.limits, limits]).astype(np.int64)
         self.min_lengths = np.concatenate([self.min_lengths, [item.opts.min_length for item in items]]).astype(np.int64)
         self.closed = np.concatenate([self.closed, np.zeros(joining, dtype=bool)])
