@@ -67,6 +67,18 @@ def _data_harvest(args: argparse.Namespace) -> int:
     return 0 if report.harvested else 1
 
 
+def _data_vision(args: argparse.Namespace) -> int:
+    from attnserve.model.vision.data import GeneratorConfig, build_dataset, sample_grid
+
+    cfg = GeneratorConfig(height=args.height, width=args.width)
+    meta = build_dataset(Path(args.out), args.seed, {"train": args.train, "dev": args.dev, "test": args.test}, cfg)
+    if args.grid:
+        sample_grid(args.seed, "test", 48, Path(args.grid), cfg=cfg, show_boxes=args.grid_boxes)
+        print(f"sample grid: {args.grid}")
+    print(json.dumps({k: meta[k] for k in ("seed", "counts")}, indent=2))
+    return 0
+
+
 def _reserved_list(args: argparse.Namespace) -> ReservedList:
     """The reserved-for-evaluation list: the default path may be absent (a checkout elsewhere),
     an explicit one must exist."""
@@ -110,6 +122,8 @@ def _eval(args: argparse.Namespace) -> int:
 
     opts = DecodeOptions(beam_size=args.beam, length_penalty=args.length_penalty)
     device = args.device or default_device()
+    if (readers := _reader_runs(args.runs)) is not None:
+        return _eval_readers(args, readers, device)
     results = []
     try:
         for run in args.runs:
@@ -136,6 +150,35 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reader_runs(runs: list[str]) -> list[Path] | None:
+    """The runs, if they are image readers (model.arch = "reader"); None for translation runs."""
+    from attnserve.model.checkpoint import CheckpointError, read_config
+
+    try:
+        arches = {read_config(Path(run)).model.arch for run in runs}
+    except CheckpointError:
+        return None  # the translation path reports it
+    return [Path(run) for run in runs] if arches == {"reader"} else None
+
+
+def _eval_readers(args: argparse.Namespace, runs: list[Path], device: str) -> int:
+    from attnserve.model.checkpoint import CheckpointError, read_config
+    from attnserve.model.vision.evaluate import evaluate_reader
+
+    try:
+        for run in runs:
+            split = Path(args.split) if args.split else Path(read_config(run).train.data_dir) / "test.npz"
+            r = evaluate_reader(run, split, args.checkpoint, device, overlays=args.show or 8)
+            lengths = "  ".join(f"{k}: {v['accuracy']:.1f}" for k, v in r["by_length"].items())
+            peak = f"  peak-in-box {r['peak_in_box']:.1f}%" if "peak_in_box" in r else ""
+            print(f"{r['model']:24s} params {r['parameters']:>9,}  sequence {r['accuracy']:5.2f}%  digit "
+                  f"{r['digit_accuracy']:5.2f}%{peak}  | by length {lengths}")
+    except (CheckpointError, FileNotFoundError) as exc:
+        log.error("%s", exc)
+        return 2
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from attnserve.server.bundle import BundleError, load_bundle
 
@@ -151,6 +194,16 @@ def _export(args: argparse.Namespace) -> int:
     if not args.out:
         log.error("--out REPO/NAME/VERSION is required to export")
         return 2
+    if _reader_runs([args.source]) is not None:  # an image reader: its own graphs and manifest
+        from attnserve.export.reader import ReaderExportError, export_reader
+
+        try:
+            manifest = export_reader(Path(args.source), Path(args.out), args.checkpoint, args.validation_sentences or 512)
+        except (ReaderExportError, FileExistsError, FileNotFoundError) as exc:
+            log.error("%s", exc)
+            return 2
+        print(json.dumps({"model": manifest["model"], "validation": manifest["validation"]}, indent=2))
+        return 0
     from attnserve.export.exporter import export_bundle, summary
     from attnserve.export.specs import UnsupportedArchitecture
     from attnserve.export.validate import ExportValidationError
@@ -221,6 +274,65 @@ def _translate_remote(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read(args: argparse.Namespace) -> int:
+    """`attnserve read IMAGE...`: one line per image, its path, a tab, the digits read; a bad
+    image is reported and the others are still read (exit status 1)."""
+    if args.server:
+        return _read_remote(args)
+    from attnserve.server.reader import ImageError, OrtReader, ReaderBundleError, overlay_strip
+
+    model = Path(args.model) if args.model else Path(__file__).resolve().parent.parent / "models/repository/house-numbers/1"
+    try:
+        reader = OrtReader(model, threads=args.threads)
+    except (ReaderBundleError, FileNotFoundError) as exc:
+        log.error("%s", exc)
+        return 2
+    status = 0
+    for path in args.images:
+        try:
+            data = Path(path).read_bytes()
+            reading = reader.read_images([data])[0]
+        except (ImageError, OSError) as exc:
+            log.error("%s: %s", path, str(exc).removeprefix("image 0: "))
+            status = 1
+            continue
+        print(f"{path}\t{reading.text}" + (f"\t{reading.score:.3f}" if args.scores else ""))
+        if args.overlays:
+            out = Path(args.overlays) / f"{Path(path).stem}.attention.png"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            overlay_strip(reader.decode(data), reading, reader.grid).save(out)
+    return status
+
+
+def _read_remote(args: argparse.Namespace) -> int:
+    import grpc
+
+    from attnserve.v1 import reader_pb2, reader_pb2_grpc
+
+    token = args.token or os.environ.get("ATTNSERVE_AUTH_TOKEN") or None
+    metadata = [("authorization", f"Bearer {token}")] if token else None
+    status = 0
+    with grpc.insecure_channel(args.server) as channel:
+        stub = reader_pb2_grpc.ReaderStub(channel)
+        for path in args.images:  # one request per image, so that a bad one fails alone
+            try:
+                response = stub.Read(reader_pb2.ReadRequest(images=[Path(path).read_bytes()], model=args.model_name or ""),
+                                     timeout=args.timeout, metadata=metadata)
+            except OSError as exc:
+                log.error("%s: %s", path, exc)
+                status = 1
+                continue
+            except grpc.RpcError as exc:
+                log.error("%s: %s: %s", path, exc.code().name, exc.details())
+                if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                    return 1
+                status = 1
+                continue
+            reading = response.readings[0]
+            print(f"{path}\t{reading.text}" + (f"\t{reading.score:.3f}" if args.scores else ""))
+    return status
+
+
 def _serve(args: argparse.Namespace) -> int:
     from attnserve.server.config import load_config
     from attnserve.server.service import serve
@@ -283,11 +395,27 @@ def add_data_harvest_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=_data_harvest)
 
 
+def add_data_vision_parser(subparsers: argparse._SubParsersAction) -> None:
+    """`data vision`: generated house-number crops for the image reader."""
+    parser = subparsers.add_parser("vision", help="generate house-number crops (train/dev/test.npz) for the image reader")
+    parser.add_argument("--out", required=True, help="output directory, e.g. data/vision/house-numbers")
+    parser.add_argument("--seed", type=int, default=1, help="every image is a function of (seed, split, index)")
+    parser.add_argument("--train", type=int, default=50000)
+    parser.add_argument("--dev", type=int, default=1000)
+    parser.add_argument("--test", type=int, default=5000)
+    parser.add_argument("--height", type=int, default=32)
+    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--grid", help="also write a PNG grid of test samples here")
+    parser.add_argument("--grid-boxes", action="store_true", help="draw the digit boxes on the grid")
+    parser.set_defaults(func=_data_vision)
+
+
 def add_data_parser(subparsers: argparse._SubParsersAction) -> None:
-    """`data`: corpus subcommands (build, harvest)."""
+    """`data`: corpus subcommands (build, harvest, vision)."""
     data = subparsers.add_parser("data", help="build a parallel corpus").add_subparsers(dest="action", required=True)
     add_data_build_parser(data)
     add_data_harvest_parser(data)
+    add_data_vision_parser(data)
 
 
 def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -305,15 +433,17 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
     """`eval`: BLEU/chrF of runs, by length, with a plot."""
-    parser = subparsers.add_parser("eval", help="BLEU/chrF on the test split, BLEU by source length, plot")
+    parser = subparsers.add_parser("eval", help="BLEU/chrF on the test split, BLEU by source length, plot "
+                                   "(image readers: accuracy, by length, peak-in-box, attention overlays)")
     parser.add_argument("runs", nargs="+", help="run directories (several: one plot compares them)")
-    parser.add_argument("--split", help="TSV to score (default: the run's test.tsv)")
+    parser.add_argument("--split", help="TSV to score (default: the run's test.tsv; readers: test.npz)")
     parser.add_argument("--beam", type=int, default=1)
     parser.add_argument("--length-penalty", type=float, default=1.0)
     parser.add_argument("--checkpoint", default="best", choices=["best", "last"])
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--plot", help="PNG path (default RUN/bleu-by-length.png)")
-    parser.add_argument("--show", type=int, default=0, help="print this many test translations")
+    parser.add_argument("--show", type=int, default=0, help="print this many test translations "
+                        "(readers: overlay this many test images, default 8)")
     parser.set_defaults(func=_eval)
 
 
@@ -366,6 +496,21 @@ def add_translate_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=_translate)
 
 
+def add_read_parser(subparsers: argparse._SubParsersAction) -> None:
+    """`read`: house numbers in images, with the image reader."""
+    parser = subparsers.add_parser("read", help="read the house number in images (PNG, JPEG) with an image reader bundle")
+    parser.add_argument("images", nargs="+", help="image files")
+    parser.add_argument("--model", help="reader bundle directory (default: the shipped models/repository/house-numbers/1)")
+    parser.add_argument("--server", help="HOST:PORT of an attnserve server: read there (the Reader service)")
+    parser.add_argument("--model-name", help="with --server: reader name (default: the server's, house-numbers)")
+    parser.add_argument("--token", help="with --server: bearer token (default: env ATTNSERVE_AUTH_TOKEN)")
+    parser.add_argument("--timeout", type=float, default=30.0, help="with --server: deadline in seconds")
+    parser.add_argument("--threads", type=int, default=1, help="offline: onnxruntime intra-op threads")
+    parser.add_argument("--scores", action="store_true", help="also print the reading's log-probability")
+    parser.add_argument("--overlays", help="offline: write DIR/<image>.attention.png, one attention map per symbol")
+    parser.set_defaults(func=_read)
+
+
 def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     """`serve`: the gRPC server; its flags are owned by attnserve.server.config."""
     from attnserve.server.config import add_arguments  # no torch, no onnxruntime: argparse only
@@ -395,6 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(subparsers)
     add_export_parser(subparsers)
     add_translate_parser(subparsers)
+    add_read_parser(subparsers)
     add_serve_parser(subparsers)
     add_bench_parser(subparsers)
     return parser

@@ -7,12 +7,12 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-ARCHITECTURES = ("transformer", "rnn")
+ARCHITECTURES = ("transformer", "rnn", "reader")
 
 
 @dataclasses.dataclass
 class ModelConfig:
-    arch: Literal["transformer", "rnn"] = "transformer"
+    arch: Literal["transformer", "rnn", "reader"] = "transformer"
     vocab_size: int = 8000
     d_model: int = 256  # embedding size (shared source/target/output embedding)
     dropout: float = 0.1
@@ -26,10 +26,30 @@ class ModelConfig:
     cell: Literal["gru", "lstm"] = "gru"
     hidden: int = 256  # per direction in the encoder; the decoder state has 2 * hidden
     decoder: Literal["bahdanau", "luong"] = "bahdanau"
-    attention: Literal["global", "local", "none"] = "global"
+    attention: Literal["global", "local", "none", "soft", "hard"] = "global"  # reader: soft | hard | none
     score: Literal["additive", "dot", "general", "concat", "scaled_dot"] = "additive"
     attn_dim: int = 256
     window: int = 8  # local attention half-width D
+    # Image reader (arch = "reader", model/vision/): a CNN's grid of annotation vectors read by
+    # an attending GRU/LSTM (Xu et al. 2015). It reuses cell, hidden (the decoder state size),
+    # attention (soft | hard | none), score, attn_dim, d_model (symbol embedding) and dropout.
+    image_height: int = 32
+    image_width: int = 64
+    image_channels: int = 3
+    conv_channels: list[int] = dataclasses.field(default_factory=lambda: [16, 32, 64, 128])  # stages; 2x2 pool between
+    alpha_reg: float = 0.02  # soft: the doubly stochastic penalty lambda * sum_i (1 - sum_t alpha_ti)^2
+    entropy_bonus: float = 0.01  # hard: lambda_e, weight of the attention entropy
+    baseline_decay: float = 0.9  # hard: moving-average baseline b <- decay * b + (1 - decay) * reward
+    hard_expectation_p: float = 0.5  # hard: share of images trained on the expectation instead of a sample
+    # hard: over the first this many updates the share falls linearly from 1 (all soft) to
+    # hard_expectation_p. Sampled from a near-uniform alpha at the start, the context is a random
+    # cell, the decoder learns to ignore it and REINFORCE then has no signal (docs/vision.md).
+    hard_expectation_warmup: int = 0
+    # hard: the REINFORCE reward of step t's location. "sequence" is Xu et al.'s, the whole
+    # sequence's log-likelihood; "to_go", the mean per-symbol log-likelihood from step t on,
+    # drops the earlier symbols (which t's location cannot change) and the number's length
+    # (which dominates a sequence's log-likelihood), two sources of variance (docs/vision.md).
+    hard_reward: Literal["sequence", "to_go"] = "to_go"
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHITECTURES:
@@ -39,6 +59,8 @@ class ModelConfig:
     def label(self) -> str:
         if self.arch == "transformer":
             return f"transformer-{self.enc_layers}x{self.dec_layers}-d{self.d_model}"
+        if self.arch == "reader":
+            return f"reader-{self.cell}-{self.attention}"
         attention = "noattn" if self.attention == "none" else f"{self.attention}-{self.score}"
         return f"{self.cell}-{self.decoder}-{attention}"
 
@@ -50,6 +72,7 @@ class TrainConfig:
     src_lang: str = "en"
     tgt_lang: str = "fr"
     max_tokens: int = 6000  # per batch, source+target padded tokens counted on the larger side
+    batch_images: int = 64  # image reader (model.arch = "reader"): images per batch; translation ignores it
     lr: float = 1e-3
     warmup_steps: int = 1000
     weight_decay: float = 0.01

@@ -110,14 +110,83 @@ class TrainingData:
                    encode_pairs(tokenizer, dev_rows, max_len), extra)
 
 
+class TranslationTask:
+    """What the loop trains on, for translation: token batches of sentence pairs, the
+    label-smoothed token cross-entropy, dev loss and greedy dev BLEU. Another model family
+    (the image reader, model/vision/task.py) supplies an object with the same methods; the
+    loop, checkpoints, resume, schedules and stopping are the Trainer's, shared."""
+
+    metric = "bleu"  # the dev score that selects the best checkpoint and drives early stopping
+    metric_label = "BLEU"
+
+    def __init__(self, config: Config, tokenizer: Tokenizer, data: TrainingData):
+        self.config, self.tokenizer, self.data = config, tokenizer, data
+        self._lengths = [max(len(s), len(t) + 1) for s, t in data.train]
+
+    def sizes(self) -> dict[str, int]:
+        return {"train_pairs": len(self.data.train), "dev_pairs": len(self.data.dev)}
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        tc = self.config.train
+        return token_batches(self._lengths, tc.max_tokens, seed=tc.seed * 1000 + epoch)
+
+    def examples(self, batch: list[int]) -> list[Example]:
+        return [self.data.train[i] for i in batch]
+
+    def units(self, examples: list[Example]) -> int:
+        """What the loss is averaged over: target tokens with EOS."""
+        return sum(len(t) + 1 for _, t in examples)
+
+    def loss(self, model: nn.Module, shard: list[Example], device: torch.device, precision: Precision
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(objective summed over the shard, the logged token loss sum); for translation the same."""
+        src, tgt_in, tgt_out = (x.to(device, non_blocking=True) for x in collate(shard))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            logits = model(src, tgt_in)  # (B, T, V)
+        token_loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), tgt_out.flatten(), ignore_index=PAD_ID,
+                                         label_smoothing=self.config.train.label_smoothing, reduction="sum")
+        return token_loss_sum, token_loss_sum
+
+    @torch.inference_mode()
+    def dev_loss(self, model: nn.Module, device: torch.device) -> float:
+        model.eval()
+        total, tokens = torch.zeros((), device=device), 0
+        dev = self.data.dev
+        for batch in token_batches([max(len(s), len(t) + 1) for s, t in dev], self.config.train.max_tokens):
+            src, tgt_in, tgt_out = (x.to(device) for x in collate([dev[i] for i in batch]))
+            logits = model(src, tgt_in)
+            total += F.cross_entropy(logits.flatten(0, 1).float(), tgt_out.flatten(), ignore_index=PAD_ID, reduction="sum")
+            tokens += sum(len(dev[i][1]) + 1 for i in batch)
+        return total.item() / max(tokens, 1)
+
+    def _bleu(self, model: nn.Module, rows: list[tuple[str, str]]) -> float:
+        hyps = translate_best(model, self.tokenizer, [s for s, _ in rows], DecodeOptions())
+        return sacrebleu.corpus_bleu(hyps, [[t for _, t in rows]]).score
+
+    def evaluate(self, model: nn.Module, device: torch.device) -> tuple[float, dict[str, Any], str]:
+        """(dev BLEU, the log record, the log line's text with "{best}" where the trainer marks
+        an improvement); leaves the model in eval mode."""
+        loss = self.dev_loss(model, device)
+        bleu = self._bleu(model, self.data.dev_rows)
+        record: dict[str, Any] = {"dev_loss": round(loss, 4), "dev_bleu": round(bleu, 2)}
+        if self.data.extra_dev:
+            record["extra_dev_bleu"] = {name: round(self._bleu(model, rows), 2) for name, rows in self.data.extra_dev.items()}
+        text = f"dev loss {loss:.3f}, dev BLEU {bleu:.2f}{{best}}" + "".join(
+            f", {k} BLEU {v:.2f}" for k, v in record.get("extra_dev_bleu", {}).items())
+        return bleu, record, text
+
+
 class Trainer:
     """Model, optimiser and loop state of one run. Construction only builds them (the model's
     initial weights draw on torch's RNG); run_training does the setup: process group, threads,
     seed, tokenizer, data."""
 
-    def __init__(self, config: Config, run_dir: Path, tokenizer: Tokenizer, data: TrainingData,
-                 device: torch.device, precision: Precision = "fp32", distributed: Distributed = Distributed()):
+    def __init__(self, config: Config, run_dir: Path, tokenizer: Tokenizer | None, data: TrainingData | None,
+                 device: torch.device, precision: Precision = "fp32", distributed: Distributed = Distributed(),
+                 task: Any = None):
         self.config, self.run_dir, self.tokenizer, self.data = config, run_dir, tokenizer, data
+        # The task: translation unless another family's task is given (model/vision/task.py).
+        self.task = task if task is not None else TranslationTask(config, tokenizer, data)
         self.device, self.precision, self.dist = device, precision, distributed
         tc = config.train
         self.model = build_model(config.model).to(device)
@@ -176,17 +245,19 @@ class Trainer:
         self.log_metrics({"event": "start", "resumed": resumed, "precision": self.precision,
                           "world_size": self.dist.world_size, "compile": tc.compile, "max_tokens": tc.max_tokens,
                           "init_from": tc.init_from or None, "parameters": self.model.num_parameters(),
-                          "train_pairs": len(self.data.train), "dev_pairs": len(self.data.dev), "hardware": hardware})
+                          **self.task.sizes(), "hardware": hardware})
         if self.dist.is_main:
-            log.info("%s: %s parameters, %d train / %d dev pairs; %s x %d, %s, %d torch threads, %s",
-                     self.config.model.label, f"{self.model.num_parameters():,}", len(self.data.train),
-                     len(self.data.dev), self.device, self.dist.world_size, hardware["cpu"]["model"],
-                     hardware["torch_threads"], self.precision)
+            (train_name, train_size), (_, dev_size) = self.task.sizes().items()
+            log.info("%s: %s parameters, %d train / %d dev %s; %s x %d, %s, %d torch threads, %s",
+                     self.config.model.label, f"{self.model.num_parameters():,}", train_size,
+                     dev_size, train_name.removeprefix("train_"), self.device, self.dist.world_size,
+                     hardware["cpu"]["model"], hardware["torch_threads"], self.precision)
 
     # -- checkpoints and evaluation ----------------------------------------------------------
 
     def _meta(self, bleu: float | None = None) -> dict[str, Any]:
-        return {"step": self.step, "epoch": self.epoch, "dev_bleu": bleu, "best_dev_bleu": self.best_bleu,
+        metric = self.task.metric  # "bleu" for translation: dev_bleu, best_dev_bleu
+        return {"step": self.step, "epoch": self.epoch, f"dev_{metric}": bleu, f"best_dev_{metric}": self.best_bleu,
                 "train_seconds": round(self.train_seconds, 1), "model": self.config.model.label,
                 "precision": self.precision, "world_size": self.dist.world_size}
 
@@ -219,33 +290,18 @@ class Trainer:
         with open(self.run_dir / "log.jsonl", "a") as f:
             f.write(json.dumps({"time": round(time.time(), 1), "step": self.step, "epoch": self.epoch, **record}) + "\n")
 
-    @torch.inference_mode()
     def dev_loss(self) -> float:
-        self.model.eval()
-        total, tokens = torch.zeros((), device=self.device), 0
-        dev = self.data.dev
-        for batch in token_batches([max(len(s), len(t) + 1) for s, t in dev], self.config.train.max_tokens):
-            src, tgt_in, tgt_out = (x.to(self.device) for x in collate([dev[i] for i in batch]))
-            logits = self.model(src, tgt_in)
-            total += F.cross_entropy(logits.flatten(0, 1).float(), tgt_out.flatten(), ignore_index=PAD_ID, reduction="sum")
-            tokens += sum(len(dev[i][1]) + 1 for i in batch)
-        return total.item() / max(tokens, 1)
-
-    def _bleu(self, rows: list[tuple[str, str]]) -> float:
-        hyps = translate_best(self.model, self.tokenizer, [s for s, _ in rows], DecodeOptions())
-        return sacrebleu.corpus_bleu(hyps, [[t for _, t in rows]]).score
+        return self.task.dev_loss(self.model, self.device)
 
     def evaluate(self) -> float:
-        """Dev loss and greedy dev BLEU (and the extra dev sets' BLEU) on rank 0, which keeps the
-        best checkpoint; every rank gets the BLEU, so early stopping agrees. Returns BLEU."""
+        """The task's dev evaluation (translation: dev loss and greedy dev BLEU, and the extra
+        dev sets' BLEU) on rank 0, which keeps the best checkpoint; every rank gets the score,
+        so early stopping agrees. Returns the score (named bleu below: translation's)."""
         record: dict[str, Any] = {}
+        text = ""
         bleu = 0.0
         if self.dist.is_main:
-            loss = self.dev_loss()
-            bleu = self._bleu(self.data.dev_rows)
-            record = {"dev_loss": round(loss, 4), "dev_bleu": round(bleu, 2)}
-            if self.data.extra_dev:
-                record["extra_dev_bleu"] = {name: round(self._bleu(rows), 2) for name, rows in self.data.extra_dev.items()}
+            bleu, record, text = self.task.evaluate(self.model, self.device)
             self.model.train()
         if self.dist.enabled:  # the other ranks wait here for rank 0's evaluation
             shared = torch.tensor([bleu], dtype=torch.float64, device=self.device)
@@ -260,9 +316,7 @@ class Trainer:
             self.bad_evals += 1
         if self.dist.is_main:
             self.log_metrics({**record, "best": improved, "train_seconds": round(self.train_seconds, 1)})
-            log.info("step %d: dev loss %.3f, dev BLEU %.2f%s%s", self.step, record["dev_loss"], bleu,
-                     " (best)" if improved else "",
-                     "".join(f", {k} BLEU {v:.2f}" for k, v in record.get("extra_dev_bleu", {}).items()))
+            log.info("step %d: %s", self.step, text.replace("{best}", " (best)" if improved else ""))
         return bleu
 
     # -- the loop ----------------------------------------------------------------------------
@@ -270,16 +324,12 @@ class Trainer:
     def train_step(self, examples: list[Example]) -> int:
         """One update on a global batch; returns its target tokens. No host sync."""
         tc = self.config.train
-        batch_tokens = sum(len(t) + 1 for _, t in examples)  # target tokens with EOS, on every rank
+        batch_tokens = self.task.units(examples)  # target tokens with EOS, on every rank
         shard, weight = examples[self.dist.rank :: self.dist.world_size], 1.0
         if not shard:  # fewer examples than ranks: join the gradient all-reduce with a zero loss
             shard, weight = examples[:1], 0.0
-        src, tgt_in, tgt_out = (x.to(self.device, non_blocking=True) for x in collate(shard))
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            logits = self.training_model(src, tgt_in)  # (B, T, V)
-        token_loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), tgt_out.flatten(), ignore_index=PAD_ID,
-                                         label_smoothing=tc.label_smoothing, reduction="sum")
-        loss = token_loss_sum * (weight * self.dist.world_size / batch_tokens)  # DDP averages over ranks
+        objective, token_loss_sum = self.task.loss(self.training_model, shard, self.device, self.precision)
+        loss = objective * (weight * self.dist.world_size / batch_tokens)  # DDP averages over ranks
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.clip_norm)
@@ -349,7 +399,6 @@ class Trainer:
 
     def train(self) -> str:
         tc = self.config.train
-        lengths = [max(len(s), len(t) + 1) for s, t in self.data.train]
         self.training_model = self._wrap_for_training()
         self.model.train()
         interactive = sys.stderr.isatty()
@@ -358,10 +407,10 @@ class Trainer:
         self._reset_interval()
         reason = self.agreed_stop()
         while reason is None:
-            batches = token_batches(lengths, tc.max_tokens, seed=tc.seed * 1000 + self.epoch)
+            batches = self.task.epoch_batches(self.epoch)
             while self.batch_in_epoch < len(batches) and reason is None:
                 start = time.perf_counter()
-                tokens = self.train_step([self.data.train[i] for i in batches[self.batch_in_epoch]])
+                tokens = self.train_step(self.task.examples(batches[self.batch_in_epoch]))
                 self.batch_in_epoch += 1
                 self.train_seconds += time.perf_counter() - start
                 self._interval["steps"] += 1
@@ -385,7 +434,8 @@ class Trainer:
         self.save_last()
         self.log_metrics({"stopped": reason})
         if self.dist.is_main:
-            log.info("stopped after %d steps (%s); best dev BLEU %.2f", self.step, reason, self.best_bleu)
+            log.info("stopped after %d steps (%s); best dev %s %.2f", self.step, reason, self.task.metric_label,
+                     self.best_bleu)
         return reason
 
 
@@ -441,11 +491,18 @@ def run_training(config: Config, run_dir: Path | None = None, resume: bool = Tru
     try:
         if tc.threads:
             torch.set_num_threads(tc.threads)
-        tokenizer = prepare_tokenizer(config, run_dir, distributed)
-        config.model.vocab_size = tokenizer.vocab_size
-        data = TrainingData.load(config, tokenizer)
+        tokenizer, data, task = None, None, None
+        if config.model.arch == "reader":  # images and digits: no tokenizer, no sentence pairs
+            from attnserve.model.vision.task import ReaderTask
+
+            task = ReaderTask.load(config)
+        else:
+            tokenizer = prepare_tokenizer(config, run_dir, distributed)
+            config.model.vocab_size = tokenizer.vocab_size
+            data = TrainingData.load(config, tokenizer)
         torch.manual_seed(tc.seed)
-        trainer = Trainer(config, run_dir, tokenizer, data, device, choose_precision(tc.precision, device), distributed)
+        trainer = Trainer(config, run_dir, tokenizer, data, device, choose_precision(tc.precision, device), distributed,
+                          task)
         if distributed.rank > 0:  # same initial weights (DDP also broadcasts them), own dropout
             torch.manual_seed(tc.seed + 1_000_003 * distributed.rank)
         if distributed.is_main:

@@ -13,4 +13,8 @@ def build_model(cfg: ModelConfig) -> EncoderDecoder:
         return Transformer(cfg)
     if cfg.arch == "rnn":
         return RNNSeq2Seq(cfg)
+    if cfg.arch == "reader":
+        from attnserve.model.vision.reader import ImageReader  # its own family: images, not tokens
+
+        return ImageReader(cfg)
     raise ValueError(f"unknown architecture {cfg.arch!r}")

@@ -26,6 +26,7 @@ from attnserve.server.bundle import Bundle, BundleError, load_bundle
 from attnserve.server.engine import Engine, TranslationOptions
 from attnserve.server.runtime import choose_providers
 from attnserve.server.metrics import Metrics
+from attnserve.server.reader import is_reader_bundle
 from attnserve.server.scheduler import BatchingConfig, SchedulerGroup
 
 log = logging.getLogger(__name__)
@@ -170,6 +171,8 @@ class ModelRepository:
         for model_dir in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
             for version_dir in model_dir.iterdir():
                 if version_dir.is_dir() and version_dir.name.isdigit() and int(version_dir.name) > 0:
+                    if is_reader_bundle(version_dir):  # an image reader's: server/reader_service.py serves it
+                        continue
                     found[(model_dir.name, version_dir.name)] = version_dir
         return found
 

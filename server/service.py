@@ -27,6 +27,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from attnserve.v1 import reader_pb2_grpc
 from attnserve.v1 import translator_pb2 as pb
 from attnserve.v1 import translator_pb2_grpc as pb_grpc
 from attnserve.server.auth import ClientKeys
@@ -34,6 +35,7 @@ from attnserve.server.config import ServerConfig
 from attnserve.server.deadlines import deadline_in, timeout_until
 from attnserve.server.engine import Hypothesis, TranslationOptions
 from attnserve.server.metrics import Metrics
+from attnserve.server.reader_service import DEFAULT_READER, READER_SERVICE_NAME, ReaderRepository, ReaderServicer
 from attnserve.server.repository import EngineConfig, ModelNotFound, ModelRepository, ModelVersion
 from attnserve.server.scheduler import BatchingConfig, Job, SchedulerError
 from attnserve.server.text import (Glossary, GlossaryEntry, GlossaryError, PipelineConfig, Plan, TextError, TextFormat,
@@ -654,6 +656,9 @@ class TranslationServer:
             self.metrics, on_change=self.update_health)
         self.service = TranslationService(config, self.repository, self.metrics)
         self.servicer = TranslatorServicer(self.service)
+        # The image reader's bundles live in the same repository (server/reader_service.py).
+        self.readers = ReaderRepository(config.model_repository, threads=max(config.threads, 1), on_change=self.update_health)
+        self.reader_servicer = ReaderServicer(self.readers, self.service.record)
         interceptors = [BearerTokenInterceptor(self.service)] if self.service.keys.required else []
         options = [
             ("grpc.max_receive_message_length", config.max_message_bytes),
@@ -674,8 +679,10 @@ class TranslationServer:
         self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rpc"),
                                 interceptors=interceptors, options=options, maximum_concurrent_rpcs=config.workers)
         pb_grpc.add_TranslatorServicer_to_server(self.servicer, self.grpc)
+        reader_pb2_grpc.add_ReaderServicer_to_server(self.reader_servicer, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
+        reflection.enable_server_reflection((SERVICE_NAME, READER_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+                                            self.grpc)
         address = f"{config.host}:{config.port}"
         if config.tls_cert:
             with open(config.tls_key, "rb") as key, open(config.tls_cert, "rb") as cert:
@@ -701,6 +708,11 @@ class TranslationServer:
         serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
         for name in self.repository.model_names():
             self.health.set(name, serving if self.repository.ready(name) else not_serving)
+        readers = getattr(self, "readers", None)  # None while __init__ builds the reader repository
+        for name in readers.names() if readers is not None else ():
+            self.health.set(name, serving if readers.ready(name) else not_serving)
+        if readers is not None:
+            self.health.set(READER_SERVICE_NAME, serving if readers.ready(DEFAULT_READER) else not_serving)
         overall = serving if self.repository.ready(self.config.default_model) else not_serving
         self.health.set("", overall)
         self.health.set(SERVICE_NAME, overall)
@@ -708,10 +720,12 @@ class TranslationServer:
     def start(self) -> None:
         """Load the repository, then listen (health says SERVING once the default model is ready)."""
         self.repository.scan()
+        self.readers.scan()
         if not self.repository.ready(self.config.default_model):
             log.error("the default model %r is not ready: %s", self.config.default_model,
                       "; ".join(f"{v.name}/{v.version} {v.state} {v.reason}" for v in self.repository.versions()) or "repository empty")
         self.repository.start_polling(self.config.poll_seconds)
+        self.readers.start_polling(self.config.poll_seconds)
         if self.config.metrics_port:
             self.metrics_port = self.metrics.serve(self.config.metrics_port)
         self.grpc.start()
@@ -734,6 +748,7 @@ class TranslationServer:
         if http_stopped is not None:
             http_stopped.join()
         self.repository.close(timeout=1.0)
+        self.readers.close()
         self.metrics.stop()
         log.info("stopped")
 
@@ -752,7 +767,11 @@ def serve(config: ServerConfig) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGHUP, lambda *_: server.repository.rescan_in_background())
+    def rescan(*_) -> None:
+        server.repository.rescan_in_background()
+        threading.Thread(target=server.readers.scan, name="reader-rescan", daemon=True).start()
+
+    signal.signal(signal.SIGHUP, rescan)
     server.start()
     while not stop.wait(1.0):
         pass
