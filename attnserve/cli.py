@@ -70,13 +70,22 @@ def _data_harvest(args: argparse.Namespace) -> int:
 def _data_vision(args: argparse.Namespace) -> int:
     from attnserve.model.vision.data import GeneratorConfig, build_dataset, sample_grid
 
-    cfg = GeneratorConfig(height=args.height, width=args.width)
+    cfg = GeneratorConfig(height=args.height, width=args.width, font_dir=args.fonts or "")
     meta = build_dataset(Path(args.out), args.seed, {"train": args.train, "dev": args.dev, "test": args.test}, cfg)
     if args.grid:
         sample_grid(args.seed, "test", 48, Path(args.grid), cfg=cfg, show_boxes=args.grid_boxes)
         print(f"sample grid: {args.grid}")
     print(json.dumps({k: meta[k] for k in ("seed", "counts")}, indent=2))
     return 0
+
+
+def _data_fonts(args: argparse.Namespace) -> int:
+    from attnserve.model.vision.fonts import fetch_fonts, fonts_in
+
+    report = fetch_fonts(Path(args.cache))
+    report["usable_font_files"] = len(fonts_in(args.cache))
+    print(json.dumps(report, indent=2))
+    return 0 if report["fetched"] or report["cached"] else 1
 
 
 def _reserved_list(args: argparse.Namespace) -> ReservedList:
@@ -405,6 +414,7 @@ def add_data_vision_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--test", type=int, default=5000)
     parser.add_argument("--height", type=int, default=32)
     parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--fonts", help="also draw with the font files under this directory (attnserve data fonts)")
     parser.add_argument("--grid", help="also write a PNG grid of test samples here")
     parser.add_argument("--grid-boxes", action="store_true", help="draw the digit boxes on the grid")
     parser.set_defaults(func=_data_vision)
@@ -416,6 +426,9 @@ def add_data_parser(subparsers: argparse._SubParsersAction) -> None:
     add_data_build_parser(data)
     add_data_harvest_parser(data)
     add_data_vision_parser(data)
+    fonts = data.add_parser("fonts", help="fetch Debian's font packages (apt-get download, never installed) for data vision")
+    fonts.add_argument("--cache", required=True, help="font directory, e.g. data/fonts")
+    fonts.set_defaults(func=_data_fonts)
 
 
 def add_train_parser(subparsers: argparse._SubParsersAction) -> None:

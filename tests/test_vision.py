@@ -5,6 +5,7 @@ through the shared training loop, and `attnserve eval` reports and draws it."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -187,3 +188,24 @@ def test_hard_attention_anneals_from_the_expectation_to_sampling() -> None:
     model.loss(torch.randn(2, 3, 32, 64), tgt_in, tgt_out)
     assert int(model.updates) == 40  # evaluation does not advance the schedule
     assert "updates" in model.state_dict()
+
+
+def test_font_directory_adds_faces_that_draw_digits(tmp_path: Path) -> None:
+    from attnserve.model.vision.data import GeneratorConfig, dejavu_fonts, generator_fonts
+    from attnserve.model.vision.fonts import fonts_in, renders_digits
+
+    face = dejavu_fonts()[0]
+    (tmp_path / "pkg").mkdir()
+    shutil.copyfile(face, tmp_path / "pkg" / "Extra-Regular.ttf")
+    (tmp_path / "pkg" / "Broken.otf").write_bytes(b"not a font")  # refused, not fatal
+    assert renders_digits(face) and not renders_digits(str(tmp_path / "pkg" / "Broken.otf"))
+    assert fonts_in(tmp_path) == (str(tmp_path / "pkg" / "Extra-Regular.ttf"),)
+    fonts = generator_fonts(str(tmp_path))
+    assert fonts[: len(dejavu_fonts())] == dejavu_fonts() and fonts[-1].endswith("Extra-Regular.ttf")
+    sample = render(3, "train", 0, GeneratorConfig(font_dir=str(tmp_path)))
+    assert sample.image.shape == (32, 64, 3) and sample.digits.isdigit()
+    only_broken = tmp_path / "broken"
+    only_broken.mkdir()
+    (only_broken / "Broken.ttf").write_bytes(b"\0" * 64)
+    with pytest.raises(RuntimeError, match="draws the ten digits"):
+        fonts_in(only_broken)

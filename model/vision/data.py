@@ -60,6 +60,9 @@ class GeneratorConfig:
     blur_p: float = 0.5
     noise_p: float = 0.6
     jpeg_p: float = 0.5
+    # More typefaces beside DejaVu: every usable font file under this directory (model/vision/
+    # fonts.py fetches Debian's font packages into one). Empty: DejaVu only.
+    font_dir: str = ""
 
 
 @dataclasses.dataclass
@@ -83,6 +86,16 @@ def dejavu_fonts() -> tuple[str, ...]:
     if not fonts:
         raise RuntimeError("fontconfig lists no DejaVu fonts (install fonts-dejavu-core)")
     return fonts
+
+
+@cache
+def generator_fonts(font_dir: str = "") -> tuple[str, ...]:
+    """DejaVu, then the usable faces under font_dir."""
+    if not font_dir:
+        return dejavu_fonts()
+    from attnserve.model.vision.fonts import fonts_in
+
+    return dejavu_fonts() + fonts_in(font_dir)
 
 
 @cache
@@ -199,7 +212,7 @@ def render(seed: int, split: str, index: int, cfg: GeneratorConfig = GeneratorCo
     figures); `with_masks` also returns each digit's warped ink, from which its box must follow."""
     rng = random.Random(sample_seed(seed, split, index))
     nrng = np.random.default_rng(sample_seed(seed, split, index) ^ 0x5EED)
-    fonts = dejavu_fonts()
+    fonts = generator_fonts(cfg.font_dir)
     n = rng.randint(cfg.min_digits, cfg.max_digits)
     digits = "".join(rng.choice(DIGITS[1:] if i == 0 and rng.random() < 0.9 else DIGITS) for i in range(n))
     font_path = rng.choice(fonts)
@@ -381,7 +394,7 @@ def build_dataset(out: Path, seed: int, counts: dict[str, int], cfg: GeneratorCo
     for split, count in counts.items():
         generate_split(seed, split, count, cfg).save(out / f"{split}.npz")
         log.info("wrote %s (%d images)", out / f"{split}.npz", count)
-    meta = {"seed": seed, "counts": counts, "generator": dataclasses.asdict(cfg), "fonts": list(dejavu_fonts())}
+    meta = {"seed": seed, "counts": counts, "generator": dataclasses.asdict(cfg), "fonts": [Path(f).name for f in generator_fonts(cfg.font_dir)]}
     (out / "generator.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
 

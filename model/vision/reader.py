@@ -141,9 +141,8 @@ class ImageReader(EncoderDecoder):
         # checkpointed and a resumed run continues from the same value.
         self.register_buffer("baseline", torch.zeros(()))
         self.register_buffer("baseline_ready", torch.zeros((), dtype=torch.bool))
-        # Training updates seen by loss(), for hard attention's expectation schedule; a buffer
-        # for the same reason as the baseline.
-        self.register_buffer("updates", torch.zeros((), dtype=torch.long))
+        if cfg.attention == "hard":  # updates seen by loss(), for the expectation schedule; a buffer too
+            self.register_buffer("updates", torch.zeros((), dtype=torch.long))
 
     @property
     def grid(self) -> tuple[int, int]:
