@@ -7,6 +7,9 @@ reads them), as frozen records with `to_json` / `from_json`.
       <precision>/encoder.onnx       SOURCE_IDS (batch, src_len) -> the StepSignature's encoder outputs
       <precision>/decoder_step.onnx  STEP_INPUTS -> SEARCH_OUTPUTS (see StepSignature)
 
+The image reader's bundle (attnserve-reader, export/reader.py -> server/reader.py) has its own
+records after the translator's (ReaderManifest), read and written by the same conversion.
+
 Everything both sides must agree on is named here once: the format version, the graphs' input
 and output names, the axis names, the decoder state (StepSignature) and the manifest's records.
 The ONNX input/output strings are part of the format (every bundle written so far, the shipped
@@ -73,11 +76,14 @@ class BundleError(Exception):
 class FormatVersionError(BundleError):
     """A manifest of another bundle format or format version than this attnserve reads."""
 
-    def __init__(self, source: str, found_format: object, found_version: object):
+    def __init__(self, source: str, found_format: object, found_version: object, expected_format: str = FORMAT,
+                 expected_version: int = FORMAT_VERSION):
+        # The expected pair defaults to the translator bundle's; reader bundles pass their own.
         self.found_format, self.found_version = found_format, found_version
+        self.expected_format, self.expected_version = expected_format, expected_version
         super().__init__(f"{source}: bundle format {found_format!r} version {found_version}; this attnserve reads "
-                         f"{FORMAT!r} version {FORMAT_VERSION} only: export the bundle again with this version, "
-                         "or serve it with the attnserve that wrote it")
+                         f"{expected_format!r} version {expected_version} only: export the bundle again with this "
+                         "version, or serve it with the attnserve that wrote it")
 
 
 class ManifestError(BundleError):
@@ -257,10 +263,7 @@ class Manifest(JsonRecord):
         if (self.format, self.format_version) != (FORMAT, FORMAT_VERSION):
             raise FormatVersionError("manifest", self.format, self.format_version)
         for record in [self, *self.precisions.values()]:  # read-only mappings: a manifest does not change
-            for field in dataclasses.fields(record):
-                value = getattr(record, field.name)
-                if isinstance(value, Mapping):
-                    object.__setattr__(record, field.name, _frozen(value))
+            _freeze_mappings(record)
 
     def to_json(self) -> dict[str, Any]:
         """The manifest as JSON values; the format and its version first, as the exporter has
@@ -272,10 +275,7 @@ class Manifest(JsonRecord):
     def from_json(cls, data: object, source: str = "manifest") -> Manifest:
         """Read a manifest, checking the format version first (a manifest of another version
         may have any layout), then every record, reporting every problem at once."""
-        if not isinstance(data, Mapping):
-            raise ManifestError(source, [f"a JSON object expected, got {type(data).__name__}"])
-        if (data.get("format"), data.get("format_version")) != (FORMAT, FORMAT_VERSION):
-            raise FormatVersionError(source, data.get("format"), data.get("format_version"))
+        _require_format(data, source, FORMAT, FORMAT_VERSION)
         return super().from_json(data, source)
 
     def validation_of(self, precision: str) -> ValidationRecord | None:
@@ -288,16 +288,224 @@ class Manifest(JsonRecord):
 
     @classmethod
     def read(cls, path: Path) -> Manifest:
-        try:
-            data = json.loads(Path(path).read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BundleError(f"{path}: not valid JSON: {exc}") from exc
-        return cls.from_json(data, str(path))
+        return cls.from_json(_read_json(path), str(path))
+
+
+# -- image reader bundles ------------------------------------------------------------------------
+# The house-number reader's bundle (export/reader.py writes it, server/reader.py reads it):
+#
+#     OUT/manifest.json            ReaderManifest.to_json(), every other file named with its sha256
+#     OUT/fp32/encoder.onnx        PIXELS (batch, H, W, C) uint8 -> memory, keys, hidden[, cell]
+#     OUT/fp32/decoder_step.onnx   PREVIOUS_TOKENS (batch,) int64, memory, keys, hidden[, cell]
+#                                  -> LOG_PROBS (batch, V), ATTENTION (batch, rows * cols), new_hidden[, new_cell]
+#
+# Version 1 is the layout of every reader bundle written so far (from_json(m).to_json() == m).
+
+READER_FORMAT = "attnserve-reader"
+READER_FORMAT_VERSION = 1
+
+PIXELS = "pixels"  # the encoder graph's input: (batch, height, width, channels) uint8, as decoded
+READER_STATIC_STATE = ("memory", "keys")  # encoder outputs every step reads; the rest is carried step to step
+DIGITS = 10  # symbols digit_offset .. digit_offset + 9 are the digits 0 .. 9
+
+
+@dataclasses.dataclass(frozen=True)
+class Normalisation(JsonRecord):
+    """(pixel - mean) / std, per channel value; in_graph: the encoder graph applies it, so a client
+    feeds decoded pixels as they are."""
+
+    mean: float
+    std: float
+    in_graph: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageInput(JsonRecord):
+    """What the encoder graph reads: an image of height x width x channels, as described."""
+
+    kind: str  # "image"
+    height: int
+    width: int
+    channels: int
+    colour: str  # e.g. "RGB"
+    dtype: str  # numpy dtype name of the pixels, e.g. "uint8"
+    layout: str  # e.g. "NHWC"
+    resize: str  # how a client fits an image of another size, in words
+    normalisation: Normalisation
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid(JsonRecord):
+    """The annotation grid an attention map covers: rows x cols cells of the input image, each
+    cell_height x cell_width pixels; a map of rows * cols weights is in `order`."""
+
+    rows: int
+    cols: int
+    cell_height: float
+    cell_width: float
+    order: str  # "row-major"
+
+
+@dataclasses.dataclass(frozen=True)
+class ReaderGraph(JsonRecord):
+    """One graph: its path relative to the bundle and its input and output names, in order."""
+
+    file: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class ReaderGraphs(JsonRecord):
+    encoder: ReaderGraph
+    decoder_step: ReaderGraph
+
+    @property
+    def dynamic_state(self) -> tuple[str, ...]:
+        """The encoder outputs the step carries (and returns one step on, after LOG_PROBS and
+        ATTENTION): hidden[, cell]."""
+        return tuple(name for name in self.encoder.outputs if name not in READER_STATIC_STATE)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReaderValidation(JsonRecord):
+    """Export's parity check against torch: greedy readings of held-out images, teacher-forced on
+    torch's symbols so that every step compares the same inputs."""
+
+    images: int
+    identical_readings: int  # images whose readings are torch's, symbol for symbol
+    max_abs_score_diff: float  # summed log-probability of a reading
+    max_abs_attention_diff: float  # any attention weight of any step
+    atol: float
+    split: str  # the images' file
+
+
+@dataclasses.dataclass(frozen=True)
+class ReaderManifest(JsonRecord):
+    """A reader bundle's manifest.json. `files` maps every other file of the bundle to its sha256
+    (the manifest cannot contain its own)."""
+
+    task: str  # "read"
+    model: str  # the run's label
+    attention: str  # soft / hard / ...
+    parameters: int
+    input: ImageInput
+    grid: Grid
+    vocabulary: tuple[str, ...]  # symbol id -> its text
+    special_ids: SpecialIds
+    digit_offset: int  # the id of the digit 0; digits are digit_offset .. digit_offset + 9
+    max_symbols: int  # decoder steps at most (EOS counted)
+    graphs: ReaderGraphs
+    source: Mapping[str, Any]  # the run, checkpoint and its training step
+    validation: ReaderValidation | None = None  # None only while export is validating the graphs
+    files: Mapping[str, str] = dataclasses.field(default_factory=dict)  # path -> sha256
+    format: str = READER_FORMAT
+    format_version: int = READER_FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        if (self.format, self.format_version) != (READER_FORMAT, READER_FORMAT_VERSION):
+            raise FormatVersionError("manifest", self.format, self.format_version, READER_FORMAT, READER_FORMAT_VERSION)
+        _freeze_mappings(self)  # read-only: a manifest does not change under the reader that reads it
+
+    def to_json(self) -> dict[str, Any]:
+        """The manifest as JSON values; the format and its version first, as the exporter has
+        always written them."""
+        data = _to_json(self)
+        return {"format": data.pop("format"), "format_version": data.pop("format_version"), **data}
+
+    @classmethod
+    def from_json(cls, data: object, source: str = "manifest") -> ReaderManifest:
+        """Read a manifest, checking the format version first (a manifest of another version
+        may have any layout), then every record, reporting every problem at once."""
+        _require_format(data, source, READER_FORMAT, READER_FORMAT_VERSION)
+        return super().from_json(data, source)
+
+    def problems(self) -> list[str]:
+        """Every way this manifest falls short of a complete, self-consistent bundle: the grid
+        must tile the input, the vocabulary hold the special ids and the digits where the ids say,
+        the graphs chain into one another, and every graph be among the hashed files."""
+        problems: list[str] = []
+        size, grid = self.input, self.grid
+        if grid.rows < 1 or grid.cols < 1:
+            problems.append(f"grid: {grid.rows} x {grid.cols} cells; at least one of each expected")
+        elif max(abs(grid.rows * grid.cell_height - size.height), abs(grid.cols * grid.cell_width - size.width)) > 1e-6:
+            problems.append(f"grid: {grid.rows} x {grid.cols} cells of {grid.cell_height} x {grid.cell_width} do not "
+                            f"tile the {size.height} x {size.width} input")
+        if len(self.vocabulary) != self.digit_offset + DIGITS:
+            problems.append(f"vocabulary: {len(self.vocabulary)} symbols; digit_offset {self.digit_offset} + "
+                            f"{DIGITS} digits expected")
+        elif list(self.vocabulary[self.digit_offset:]) != [str(d) for d in range(DIGITS)]:
+            problems.append(f"vocabulary: the digits 0-9 expected from digit_offset {self.digit_offset}, got "
+                            f"{list(self.vocabulary[self.digit_offset:])}")
+        for name, index in dataclasses.asdict(self.special_ids).items():
+            if not 0 <= index < min(len(self.vocabulary), self.digit_offset):
+                problems.append(f"special_ids.{name}: {index} is not a special symbol of the vocabulary")
+        encoder, step = self.graphs.encoder, self.graphs.decoder_step
+        if encoder.inputs != (PIXELS,):
+            problems.append(f"graphs.encoder.inputs: ({PIXELS!r},) expected, got {encoder.inputs}")
+        if step.inputs != (PREVIOUS_TOKENS, *encoder.outputs):  # the step reads what the encoder returns
+            problems.append(f"graphs.decoder_step.inputs: {(PREVIOUS_TOKENS, *encoder.outputs)} (prev, then the "
+                            f"encoder's outputs) expected, got {step.inputs}")
+        new_state = tuple(NEW_STATE_PREFIX + name for name in self.graphs.dynamic_state)
+        if step.outputs != (LOG_PROBS, ATTENTION, *new_state):
+            problems.append(f"graphs.decoder_step.outputs: {(LOG_PROBS, ATTENTION, *new_state)} expected, "
+                            f"got {step.outputs}")
+        for where, graph in (("graphs.encoder", encoder), ("graphs.decoder_step", step)):
+            if graph.file not in self.files:
+                problems.append(f"{where}.file: {graph.file!r} is not among the files (and their sha256s)")
+        for name in self.files:  # verification reads these: they must stay inside the bundle
+            if name.startswith("/") or ".." in name.split("/"):
+                problems.append(f"files: {name!r} is not a path inside the bundle")
+        if self.validation is None:
+            problems.append("validation: missing (export writes it once the graphs match torch)")
+        elif not 0 <= self.validation.identical_readings <= self.validation.images:
+            problems.append(f"validation: {self.validation.identical_readings} identical readings of "
+                            f"{self.validation.images} images")
+        return problems
+
+    def validate(self, source: str = "manifest") -> ReaderManifest:
+        """This manifest, if it describes a complete bundle; ManifestError listing every problem
+        otherwise."""
+        if problems := self.problems():
+            raise ManifestError(source, problems)
+        return self
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), indent=2) + "\n"
+
+    @classmethod
+    def read(cls, path: Path) -> ReaderManifest:
+        """A written bundle's manifest: its records, then the whole (validate)."""
+        return cls.from_json(_read_json(path), str(path)).validate(str(path))
 
 
 # -- JSON conversion -----------------------------------------------------------------------------
 # One generic reader and writer driven by the records' type hints, so that a record's fields are
 # its JSON keys, in order, and a new field needs no conversion code.
+
+
+def _require_format(data: object, source: str, expected_format: str, expected_version: int) -> None:
+    """Refuse what is not a JSON object of this format and version, before reading any record."""
+    if not isinstance(data, Mapping):
+        raise ManifestError(source, [f"a JSON object expected, got {type(data).__name__}"])
+    if (data.get("format"), data.get("format_version")) != (expected_format, expected_version):
+        raise FormatVersionError(source, data.get("format"), data.get("format_version"), expected_format,
+                                 expected_version)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{path}: not valid JSON: {exc}") from exc
+
+
+def _freeze_mappings(record: Any) -> None:
+    """Make a frozen record's mapping fields read-only views (in place, as __post_init__ may)."""
+    for field in dataclasses.fields(record):
+        value = getattr(record, field.name)
+        if isinstance(value, Mapping):
+            object.__setattr__(record, field.name, _frozen(value))
 
 
 def _frozen(value: Any) -> Any:

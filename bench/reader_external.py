@@ -160,7 +160,7 @@ def write_samples(sets: dict[str, tuple[list[bytes], list[str]]], reader: OrtRea
     """One row per generator: its first images as the reader sees them (stretched), with the reading."""
     from PIL import Image, ImageDraw
 
-    h, w = reader.input["height"] * 2, reader.input["width"] * 2
+    h, w = reader.input.height * 2, reader.input.width * 2
     sheet = Image.new("RGB", (per_row * (w + 4) + 4, len(sets) * (h + 18) + 4), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
     for row, (name, (images, labels)) in enumerate(sets.items()):

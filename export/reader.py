@@ -3,9 +3,10 @@ initial state) and a single-step decoder graph, with parity against torch built 
 fails unless onnxruntime's greedy readings of held-out images are the torch reference's, symbol
 for symbol, with log-probabilities and attention maps within tolerance.
 
-    OUT/manifest.json        format attnserve-reader v1: the input (an image: size, channels,
-                             dtype, layout, normalisation), the grid geometry, the vocabulary,
-                             the graphs' signatures, the parity results, every file's sha256
+    OUT/manifest.json        format attnserve-reader v1 (ReaderManifest, attnserve/bundle_format.py):
+                             the input (an image: size, channels, dtype, layout, normalisation),
+                             the grid geometry, the vocabulary, the graphs' signatures, the parity
+                             results, every file's sha256
     OUT/fp32/encoder.onnx    pixels (batch, H, W, C) uint8 -> memory, keys, hidden[, cell]
     OUT/fp32/decoder_step.onnx
                              prev (batch,) int64, memory, keys, hidden[, cell]
@@ -31,13 +32,17 @@ import torch
 import torch.nn as nn
 from torch.export import Dim
 
+from attnserve.bundle_format import (
+    ATTENTION, LOG_PROBS, MANIFEST_FILE, NEW_STATE_PREFIX, PIXELS, PREVIOUS_TOKENS, Grid, ImageInput, Normalisation,
+    ReaderGraph, ReaderGraphs, ReaderManifest, ReaderValidation,
+)
 from attnserve.decoding_rules import BOS_ID, SPECIAL_IDS
 from attnserve.export.specs import IR_VERSION, OPSET
 from attnserve.model.checkpoint import read_config
 from attnserve.model.vision.data import DigitDataset
 from attnserve.model.vision.evaluate import load_reader
 from attnserve.model.vision.reader import DIGIT_OFFSET, PIXEL_MEAN, PIXEL_STD, ImageReader, greedy_read, normalise
-from attnserve.server.reader import READER_FORMAT, READER_FORMAT_VERSION, OrtReader
+from attnserve.server.reader import OrtReader
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +103,9 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def parity(model: ImageReader, reader: OrtReader, images: np.ndarray, batch: int = 64) -> dict:
-    """Torch's greedy readings against onnxruntime's, teacher-forced on torch's symbols so that
-    every step compares the same inputs."""
+def parity(model: ImageReader, reader: OrtReader, images: np.ndarray, split: str, batch: int = 64) -> ReaderValidation:
+    """Torch's greedy readings of `images` (from the file `split`) against onnxruntime's,
+    teacher-forced on torch's symbols so that every step compares the same inputs."""
     texts_equal, max_logp, max_attention = 0, 0.0, 0.0
     for start in range(0, len(images), batch):
         chunk = images[start : start + batch]
@@ -111,17 +116,18 @@ def parity(model: ImageReader, reader: OrtReader, images: np.ndarray, batch: int
         for t in range(steps):
             max_attention = max(max_attention, float(np.abs(ref_attention[:, t].numpy() - attention[t]).max()))
         max_logp = max(max_logp, float(np.abs(ref_scores.numpy() - scores).max()))
-    return {"images": int(len(images)), "identical_readings": int(texts_equal), "max_abs_score_diff": max_logp,
-            "max_abs_attention_diff": max_attention, "atol": ATOL}
+    return ReaderValidation(images=int(len(images)), identical_readings=int(texts_equal), max_abs_score_diff=max_logp,
+                            max_abs_attention_diff=max_attention, atol=ATOL, split=split)
 
 
 def export_reader(run_dir: Path, out_dir: Path, which: str = "best", validation_images: int = 512) -> dict:
-    """Export a reader run to a verified directory; returns the manifest."""
+    """Export a reader run to a verified directory; returns the manifest as written (its JSON
+    values: ReaderManifest.to_json())."""
     config = read_config(run_dir)
     if config.model.arch != "reader":
         raise ReaderExportError(f"{run_dir} is a {config.model.arch} run, not an image reader")
     out_dir = Path(out_dir)
-    if (out_dir / "manifest.json").exists():
+    if (out_dir / MANIFEST_FILE).exists():
         raise FileExistsError(f"{out_dir} already holds a bundle; versions are immutable, export to a new version")
     model = load_reader(run_dir, which)
     mc = config.model
@@ -131,47 +137,46 @@ def export_reader(run_dir: Path, out_dir: Path, which: str = "best", validation_
         state = model.encode(normalise(pixels))
         names = state_names(model)
         dynamic = dynamic_names(model)
-        _export(ReaderEncoderGraph(model), (pixels,), ["pixels"], names, work / "fp32" / "encoder.onnx")
+        graphs = ReaderGraphs(
+            encoder=ReaderGraph("fp32/encoder.onnx", (PIXELS,), tuple(names)),
+            decoder_step=ReaderGraph("fp32/decoder_step.onnx", (PREVIOUS_TOKENS, *names),
+                                     (LOG_PROBS, ATTENTION, *(NEW_STATE_PREFIX + n for n in dynamic))))
+        _export(ReaderEncoderGraph(model), (pixels,), list(graphs.encoder.inputs), list(graphs.encoder.outputs),
+                work / graphs.encoder.file)
         prev = torch.full((2,), BOS_ID, dtype=torch.long)
-        _export(ReaderStepGraph(model), (prev, *(state[n] for n in names)), ["prev", *names],
-                ["log_probs", "attention", *(f"new_{n}" for n in dynamic)], work / "fp32" / "decoder_step.onnx")
-        h, w = model.grid
-        manifest = {
-            "format": READER_FORMAT, "format_version": READER_FORMAT_VERSION, "task": "read",
-            "model": mc.label, "attention": mc.attention, "parameters": model.num_parameters(),
-            "input": {"kind": "image", "height": mc.image_height, "width": mc.image_width,
-                      "channels": mc.image_channels, "colour": "RGB", "dtype": "uint8", "layout": "NHWC",
-                      "resize": "stretch to height x width", "normalisation": {"mean": PIXEL_MEAN, "std": PIXEL_STD,
-                                                                                  "in_graph": True}},
-            "grid": {"rows": h, "cols": w, "cell_height": mc.image_height / h, "cell_width": mc.image_width / w,
-                     "order": "row-major"},
-            "vocabulary": ["<pad>", "<unk>", "<s>", "</s>", *[str(d) for d in range(10)]],
-            "special_ids": dataclasses.asdict(SPECIAL_IDS), "digit_offset": DIGIT_OFFSET, "max_symbols": mc.max_len,
-            "graphs": {"encoder": {"file": "fp32/encoder.onnx", "inputs": ["pixels"], "outputs": names},
-                       "decoder_step": {"file": "fp32/decoder_step.onnx", "inputs": ["prev", *names],
-                                        "outputs": ["log_probs", "attention", *(f"new_{n}" for n in dynamic)]}},
-            "source": {"run": str(run_dir), "checkpoint": which,
-                       "step": json.loads((run_dir / "checkpoints" / which / "meta.json").read_text()).get("step")},
-        }
+        _export(ReaderStepGraph(model), (prev, *(state[n] for n in names)), list(graphs.decoder_step.inputs),
+                list(graphs.decoder_step.outputs), work / graphs.decoder_step.file)
+        h, w = model.grid  # the annotation grid: rows x cols cells of the image
+        manifest = ReaderManifest(
+            task="read", model=mc.label, attention=mc.attention, parameters=model.num_parameters(),
+            input=ImageInput(kind="image", height=mc.image_height, width=mc.image_width, channels=mc.image_channels,
+                             colour="RGB", dtype="uint8", layout="NHWC", resize="stretch to height x width",
+                             normalisation=Normalisation(mean=PIXEL_MEAN, std=PIXEL_STD, in_graph=True)),
+            grid=Grid(rows=h, cols=w, cell_height=mc.image_height / h, cell_width=mc.image_width / w,
+                      order="row-major"),
+            vocabulary=("<pad>", "<unk>", "<s>", "</s>", *(str(d) for d in range(10))),
+            special_ids=SPECIAL_IDS, digit_offset=DIGIT_OFFSET, max_symbols=mc.max_len, graphs=graphs,
+            source={"run": str(run_dir), "checkpoint": which,
+                    "step": json.loads((run_dir / "checkpoints" / which / "meta.json").read_text()).get("step")})
         split = Path(config.train.data_dir) / "test.npz"
         images = DigitDataset.load(split).images[:validation_images]
-        result = parity(model, OrtReader(work, manifest), images)
-        result["split"] = str(split)
-        manifest["validation"] = result
+        result = parity(model, OrtReader(work, manifest), images, str(split))
         failures = []
-        if result["identical_readings"] != result["images"]:
-            failures.append(f"{result['images'] - result['identical_readings']} of {result['images']} readings differ")
-        if result["max_abs_score_diff"] > ATOL * mc.max_len or result["max_abs_attention_diff"] > ATOL:
-            failures.append(f"score diff {result['max_abs_score_diff']:.2e}, attention diff "
-                            f"{result['max_abs_attention_diff']:.2e} over tolerance {ATOL:.0e}")
+        if result.identical_readings != result.images:
+            failures.append(f"{result.images - result.identical_readings} of {result.images} readings differ")
+        if result.max_abs_score_diff > ATOL * mc.max_len or result.max_abs_attention_diff > ATOL:
+            failures.append(f"score diff {result.max_abs_score_diff:.2e}, attention diff "
+                            f"{result.max_abs_attention_diff:.2e} over tolerance {ATOL:.0e}")
         if failures:
             raise ReaderExportError("; ".join(failures))
-        manifest["files"] = {str(p.relative_to(work)): _sha256(p) for p in sorted(work.rglob("*.onnx"))}
-        (work / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        files = {str(p.relative_to(work)): _sha256(p) for p in sorted(work.rglob("*.onnx"))}
+        # The whole check a server makes on reading it: what export writes, it must read.
+        manifest = dataclasses.replace(manifest, validation=result, files=files).validate()
+        (work / MANIFEST_FILE).write_text(manifest.dumps())
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         work.rename(out_dir)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     log.info("reader bundle written to %s (parity: %d/%d identical readings)", out_dir,
-             result["identical_readings"], result["images"])
-    return manifest
+             result.identical_readings, result.images)
+    return manifest.to_json()

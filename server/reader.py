@@ -5,7 +5,8 @@ single-step decoder graph. numpy, onnxruntime and Pillow only: no torch.
 Images are decoded (PNG, JPEG, ...), checked (size, channels), converted to RGB only when they
 are greyscale (a single channel is a camera's greyscale, not a mistake), stretched to the
 bundle's input size, and read; each emitted symbol comes with its attention map over the
-bundle's grid (rows x cols, row-major).
+bundle's grid (rows x cols, row-major). The bundle's manifest is a ReaderManifest
+(attnserve/bundle_format.py), the contract with export/reader.py.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
+from attnserve.bundle_format import (  # noqa: F401  READER_FORMAT(_VERSION): re-exported, as before
+    MANIFEST_FILE, PIXELS, READER_FORMAT, READER_FORMAT_VERSION, READER_STATIC_STATE, BundleError, ImageInput,
+    ReaderManifest,
+)
 from attnserve.decoding_rules import BOS_ID, EOS_ID
 
-READER_FORMAT = "attnserve-reader"
-READER_FORMAT_VERSION = 1
 MAX_IMAGE_BYTES = 4 << 20  # an encoded image larger than this is refused
 MAX_IMAGE_PIXELS = 4096 * 4096
 
@@ -30,8 +33,9 @@ class ImageError(ValueError):
     """An image the reader refuses: undecodable, too large, or of the wrong channels."""
 
 
-class ReaderBundleError(Exception):
-    """A reader bundle is missing, tampered with or of another format."""
+class ReaderBundleError(BundleError):
+    """A reader bundle is missing, tampered with, of another format or its manifest invalid (the
+    BundleError that says so is its __cause__)."""
 
 
 def decode_image(data: bytes, height: int, width: int, channels: int = 3) -> np.ndarray:
@@ -50,13 +54,18 @@ def decode_image(data: bytes, height: int, width: int, channels: int = 3) -> np.
     except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as exc:
         raise ImageError(f"undecodable image: {exc}") from None
     bands = len(image.getbands())
-    if image.mode in ("L", "I;16", "I", "F"):
+    if image.mode in ("1", "L", "I;16", "I", "F"):
         image = image.convert("RGB")  # greyscale: the same scene with equal channels
-    elif image.mode == "P":
+    elif image.mode in ("P", "CMYK", "YCbCr"):
+        image = image.convert("RGBA" if image.mode == "P" and "transparency" in image.info else "RGB")
+        bands = len(image.getbands())
+    if image.mode in ("RGBA", "LA", "PA"):
+        # Many tools save an alpha channel that is opaque everywhere: that is an RGB picture. A
+        # transparent one has no background to read the digits against, so it is refused.
+        if image.getchannel("A").getextrema()[0] < 255:
+            raise ImageError(f"image has {bands} channels ({image.mode}) with transparency; the reader takes {channels} "
+                             "(RGB or greyscale, or an opaque alpha)")
         image = image.convert("RGB")
-    elif image.mode in ("RGBA", "LA"):
-        raise ImageError(f"image has {bands} channels ({image.mode}) with transparency; the reader takes {channels} "
-                         "(RGB or greyscale)")
     elif image.mode != "RGB":
         raise ImageError(f"image has {bands} channels ({image.mode}); the reader takes {channels} (RGB or greyscale)")
     return np.asarray(image.resize((width, height), Image.BILINEAR), dtype=np.uint8)
@@ -72,33 +81,36 @@ class Reading:
 class OrtReader:
     """Greedy reading over a reader bundle's two graphs."""
 
-    def __init__(self, directory: Path | str, manifest: dict | None = None, threads: int = 1, verify: bool = True):
+    def __init__(self, directory: Path | str, manifest: ReaderManifest | None = None, threads: int = 1,
+                 verify: bool = True):
+        """`manifest`: export passes the one it is writing (not yet on disk, nor validated);
+        otherwise the bundle's own is read and verified."""
         import onnxruntime as ort
 
         directory = Path(directory)
         if manifest is None:
             manifest = read_manifest(directory, verify)
-        self.manifest = manifest
+        self.manifest: ReaderManifest = manifest
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
-        graphs = manifest["graphs"]
+        graphs = manifest.graphs
         providers = ["CPUExecutionProvider"]
-        self.encoder = ort.InferenceSession(str(directory / graphs["encoder"]["file"]), options, providers=providers)
-        self.step = ort.InferenceSession(str(directory / graphs["decoder_step"]["file"]), options, providers=providers)
-        self.state = graphs["encoder"]["outputs"]
-        self.dynamic = [n for n in self.state if n not in ("memory", "keys")]
-        self.max_symbols = manifest["max_symbols"]
-        self.offset = manifest["digit_offset"]
-        self.input = manifest["input"]
-        self.grid = (manifest["grid"]["rows"], manifest["grid"]["cols"])
+        self.encoder = ort.InferenceSession(str(directory / graphs.encoder.file), options, providers=providers)
+        self.step = ort.InferenceSession(str(directory / graphs.decoder_step.file), options, providers=providers)
+        self.state = list(graphs.encoder.outputs)  # memory, keys, hidden[, cell]: the step's inputs after prev
+        self.dynamic = [n for n in self.state if n not in READER_STATIC_STATE]  # the step returns these one step on
+        self.max_symbols = manifest.max_symbols
+        self.offset = manifest.digit_offset
+        self.input: ImageInput = manifest.input
+        self.grid = (manifest.grid.rows, manifest.grid.cols)
 
     def decode(self, data: bytes) -> np.ndarray:
-        return decode_image(data, self.input["height"], self.input["width"], self.input["channels"])
+        return decode_image(data, self.input.height, self.input.width, self.input.channels)
 
     def read(self, pixels: np.ndarray) -> tuple[list[list[int]], np.ndarray, list[np.ndarray], list[np.ndarray]]:
         """pixels (B, H, W, C) uint8 -> ids without EOS, summed log-prob (B,), attention per
         step (B, L), log-probabilities per step (B, V)."""
-        state = dict(zip(self.state, self.encoder.run(None, {"pixels": pixels})))
+        state = dict(zip(self.state, self.encoder.run(None, {PIXELS: pixels})))
         B = len(pixels)
         prev = np.full(B, BOS_ID, dtype=np.int64)
         done = np.zeros(B, dtype=bool)
@@ -135,16 +147,18 @@ class OrtReader:
                 for b, (row, score) in enumerate(zip(ids, scores))]
 
 
-def read_manifest(directory: Path, verify: bool = True) -> dict:
-    path = Path(directory) / "manifest.json"
+def read_manifest(directory: Path, verify: bool = True) -> ReaderManifest:
+    """A reader bundle's manifest, checked whole (ReaderManifest.read) and, with `verify`, every
+    file against its sha256. Any refusal is a ReaderBundleError naming the problem(s)."""
+    path = Path(directory) / MANIFEST_FILE
     if not path.is_file():
-        raise ReaderBundleError(f"no manifest.json in {directory}")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != READER_FORMAT or manifest.get("format_version") != READER_FORMAT_VERSION:
-        raise ReaderBundleError(f"{path}: format {manifest.get('format')!r} version {manifest.get('format_version')}; "
-                                f"this attnserve reads {READER_FORMAT!r} version {READER_FORMAT_VERSION}")
+        raise ReaderBundleError(f"no {MANIFEST_FILE} in {directory}")
+    try:
+        manifest = ReaderManifest.read(path)  # bad JSON, another format or version, invalid records
+    except BundleError as exc:
+        raise ReaderBundleError(str(exc)) from exc
     if verify:
-        for name, digest in manifest["files"].items():
+        for name, digest in manifest.files.items():
             file = Path(directory) / name
             if not file.is_file() or hashlib.sha256(file.read_bytes()).hexdigest() != digest:
                 raise ReaderBundleError(f"{file}: missing or its sha256 differs from the manifest's")
@@ -152,9 +166,10 @@ def read_manifest(directory: Path, verify: bool = True) -> dict:
 
 
 def is_reader_bundle(directory: Path) -> bool:
-    """Whether a repository version directory holds a reader bundle (not a translator's)."""
+    """Whether a repository version directory holds a reader bundle (not a translator's), of any
+    version: one it cannot read is still a reader's, to be refused by name rather than skipped."""
     try:
-        return json.loads((Path(directory) / "manifest.json").read_text()).get("format") == READER_FORMAT
+        return json.loads((Path(directory) / MANIFEST_FILE).read_text()).get("format") == READER_FORMAT
     except (OSError, ValueError, AttributeError):
         return False
 

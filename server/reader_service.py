@@ -83,9 +83,9 @@ class ReaderRepository:
         try:
             reader = OrtReader(version.path, threads=self.threads)
             size = reader.input
-            reader.read(np.zeros((1, size["height"], size["width"], size["channels"]), dtype=np.uint8))  # warm-up
+            reader.read(np.zeros((1, size.height, size.width, size.channels), dtype=np.uint8))  # warm-up
             version.reader = reader
-            log.info("reader %s/%s ready (%s)", version.name, version.version, reader.manifest.get("model"))
+            log.info("reader %s/%s ready (%s)", version.name, version.version, reader.manifest.model)
         except (ReaderBundleError, OSError, ValueError, KeyError, RuntimeError) as exc:  # onnxruntime raises RuntimeErrors
             version.reason = str(exc)
             log.error("reader %s/%s failed to load: %s", version.name, version.version, exc)
@@ -163,10 +163,10 @@ class ReaderServicer(pb_grpc.ReaderServicer):
             raise _Refusal(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         if deadline is not None and time.monotonic() > deadline:
             raise _Refusal(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded while reading")
-        grid = reader.manifest["grid"]
+        grid = reader.manifest.grid
         response = pb.ReadResponse(model=version.name, version=version.version, grid=pb.Grid(
-            rows=grid["rows"], cols=grid["cols"], input_height=reader.input["height"],
-            input_width=reader.input["width"], cell_height=grid["cell_height"], cell_width=grid["cell_width"]))
+            rows=grid.rows, cols=grid.cols, input_height=reader.input.height,
+            input_width=reader.input.width, cell_height=grid.cell_height, cell_width=grid.cell_width))
         for reading in readings:
             symbols = [*reading.text, "</s>"]
             response.readings.append(pb.Reading(text=reading.text, score=reading.score, symbols=[
