@@ -179,7 +179,8 @@ def _eval_readers(args: argparse.Namespace, runs: list[Path], device: str) -> in
             split = Path(args.split) if args.split else Path(read_config(run).train.data_dir) / "test.npz"
             r = evaluate_reader(run, split, args.checkpoint, device, overlays=args.show or 8)
             lengths = "  ".join(f"{k}: {v['accuracy']:.1f}" for k, v in r["by_length"].items())
-            peak = f"  peak-in-box {r['peak_in_box']:.1f}%" if "peak_in_box" in r else ""
+            peak = (f"  peak-in-box {r['peak_in_box']:.1f}% (columns {r['peak_in_columns']:.1f}%)"
+                    if "peak_in_box" in r else "")
             print(f"{r['model']:24s} params {r['parameters']:>9,}  sequence {r['accuracy']:5.2f}%  digit "
                   f"{r['digit_accuracy']:5.2f}%{peak}  | by length {lengths}")
     except (CheckpointError, FileNotFoundError) as exc:

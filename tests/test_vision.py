@@ -144,6 +144,10 @@ def test_scores_count_digits_by_position_and_lengths() -> None:
     assert peak_in_box([alpha], ["12"], boxes, (4, 8), (32, 64)) == (2, 2)
     boxes[0, 1] = [0, 20, 10, 30]
     assert peak_in_box([alpha], ["12"], boxes, (4, 8), (32, 64)) == (1, 2)
+    assert peak_in_box([alpha], ["12"], boxes, (4, 8), (32, 64), columns_only=True) == (1, 2)
+    boxes[0, 1] = [50, 20, 64, 30]  # the peak (60, 4) is above this box: in its columns, not in it
+    assert peak_in_box([alpha], ["12"], boxes, (4, 8), (32, 64)) == (1, 2)
+    assert peak_in_box([alpha], ["12"], boxes, (4, 8), (32, 64), columns_only=True) == (2, 2)
 
 
 @pytest.fixture(scope="module")

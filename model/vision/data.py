@@ -7,7 +7,8 @@ the test split does not depend on how many training images were asked for.
 One sample, step by step:
 
     digits     1-5 digits (a leading 0 is rare, as on houses)
-    glyphs     a DejaVu font found through fontconfig; size, tracking, optional stroke (weight)
+    glyphs     a DejaVu face found through fontconfig or, with font_dir, any face of Debian's font
+               packages (model/vision/fonts.py); size, tracking, optional stroke (weight)
     layout     the digits on a large canvas, per-digit ink boxes recorded; optionally a plate
                behind them; partial distractor digits beyond the left and right crop edges
     background plain colour, a linear gradient, or a texture (blotches, stripes, grain)

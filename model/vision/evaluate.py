@@ -41,9 +41,11 @@ def cell_centres(grid: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
 
 
 def peak_in_box(attention: list[np.ndarray], labels: list[str], boxes: np.ndarray, grid: tuple[int, int],
-                size: tuple[int, int]) -> tuple[int, int]:
+                size: tuple[int, int], columns_only: bool = False) -> tuple[int, int]:
     """(hits, symbols): over every digit the reader emitted at a position the label has, whether
-    the centre of the most attended cell lies inside that digit's box."""
+    the centre of the most attended cell lies inside that digit's box (columns_only: inside its
+    horizontal extent, at any height; a cell's features see far above and below it, and a reader
+    may look at the row over a digit and still see it)."""
     centres = cell_centres(grid, size)
     hits = total = 0
     for alpha, label, image_boxes in zip(attention, labels, boxes):
@@ -52,7 +54,7 @@ def peak_in_box(attention: list[np.ndarray], labels: list[str], boxes: np.ndarra
                 break
             x, y = centres[int(alpha[t].argmax())]
             x0, y0, x1, y1 = image_boxes[t]
-            hits += int(x0 <= x <= x1 and y0 <= y <= y1)
+            hits += int(x0 <= x <= x1 and (columns_only or y0 <= y <= y1))
             total += 1
     return hits, total
 
@@ -129,6 +131,8 @@ def evaluate_reader(run_dir: Path, split_path: Path, which: str = "best", device
         hits, total = peak_in_box(attention, data.labels, data.boxes, model.grid, size)
         result["peak_in_box"] = round(100 * hits / max(total, 1), 2)
         result["peak_in_box_symbols"] = total
+        hits, _ = peak_in_box(attention, data.labels, data.boxes, model.grid, size, columns_only=True)
+        result["peak_in_columns"] = round(100 * hits / max(total, 1), 2)
     stem = Path(split_path).stem
     (Path(run_dir) / f"eval-{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     (Path(run_dir) / f"eval-{stem}.txt").write_text("".join(t + "\n" for t in texts))
