@@ -165,7 +165,7 @@ def _reader_runs(runs: list[str]) -> list[Path] | None:
 
     try:
         arches = {read_config(Path(run)).model.arch for run in runs}
-    except CheckpointError:
+    except (CheckpointError, ValueError):  # unreadable, or a config of an unknown architecture
         return None  # the translation path reports it
     return [Path(run) for run in runs] if arches == {"reader"} else None
 

@@ -115,7 +115,8 @@ def attention_description(cfg) -> str:
         return "multi-head scaled dot-product"
     if cfg.attention == "none":
         return "none (fixed context)"
-    return f"{cfg.attention} {cfg.score}"
+    normaliser = "" if cfg.normaliser == "softmax" else f" {cfg.normaliser}"  # softmax: unnamed, as before
+    return f"{cfg.attention} {cfg.score}{normaliser}"
 
 
 def export_bundle(

@@ -132,6 +132,7 @@ def export_reader(run_dir: Path, out_dir: Path, which: str = "best", validation_
     model = load_reader(run_dir, which)
     mc = config.model
     work = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir.parent if out_dir.parent.exists() else None))
+    work.chmod(0o755)  # mkdtemp's 0700 would hide the bundle from a server running as another user
     try:
         pixels = torch.zeros(2, mc.image_height, mc.image_width, mc.image_channels, dtype=torch.uint8)
         state = model.encode(normalise(pixels))

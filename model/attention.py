@@ -2,7 +2,9 @@
 
 Every mechanism maps a query (B, T, Dq) and a source memory (B, S, Dk) with its padding mask
 (B, S) to a context (B, T, Dv) and weights (B, T, S). Weights sum to 1 over the unmasked source
-positions and are exactly 0 on padding (masked scores are -inf before the softmax).
+positions and are exactly 0 on padding (masked scores are -inf before the softmax). Global
+attention can replace the softmax by another normaliser (model/normalisers.py: sparsemax, the
+CRF marginals of structured attention).
 
 Scores are split into `project_keys` (done once per sentence: e.g. W_k h_s for additive
 attention) and `forward` (done for every decoder step), because that is how a decoder uses
@@ -24,6 +26,8 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from attnserve.model.normalisers import build_normaliser
 
 
 def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -124,18 +128,22 @@ SCORES: dict[str, type[nn.Module]] = {
 
 
 class GlobalAttention(nn.Module):
-    """Attend to every source position (Bahdanau; Luong's global attention)."""
+    """Attend to every source position (Bahdanau; Luong's global attention). `normaliser` turns
+    the scores into weights: softmax (no parameters, so softmax checkpoints are unchanged),
+    sparsemax, or crf (owns its 2x2 transition parameter); max_len bounds the source length for
+    the CRF's exported scan."""
 
-    def __init__(self, score: nn.Module):
+    def __init__(self, score: nn.Module, normaliser: str = "softmax", max_len: int = 256):
         super().__init__()
         self.score = score
+        self.normaliser = build_normaliser(normaliser, max_len)
 
     def project_keys(self, memory: torch.Tensor) -> torch.Tensor:
         return self.score.project_keys(memory)
 
     def forward(self, query, keys, memory, mask, src_len=None):
         # query (B, T, Dq), keys (B, S, *), memory (B, S, Dv), mask (B, S) bool, src_len (B,)
-        weights = masked_softmax(self.score(query, keys), mask.unsqueeze(1))  # (B, T, S)
+        weights = self.normaliser(self.score(query, keys), mask.unsqueeze(1))  # (B, T, S)
         return weights @ memory, weights  # (B, T, Dv), (B, T, S)
 
 
@@ -182,15 +190,20 @@ class FixedContext(nn.Module):
         return weights @ memory, weights
 
 
-def build_rnn_attention(kind: str, score: str, query_dim: int, key_dim: int, attn_dim: int, window: int):
-    """'global' | 'local' | 'none' attention with one of the SCORES."""
+def build_rnn_attention(kind: str, score: str, query_dim: int, key_dim: int, attn_dim: int, window: int,
+                        normaliser: str = "softmax", max_len: int = 256):
+    """'global' | 'local' | 'none' attention with one of the SCORES; global attention with one
+    of the normalisers (model/normalisers.py NORMALISERS)."""
+    if normaliser != "softmax" and kind != "global":
+        # local-p's Gaussian is a log-prior on softmax scores; 'none' has no scores at all
+        raise ValueError(f"the {normaliser!r} normaliser needs global attention; {kind!r} attention is softmax-only")
     if kind == "none":
         return FixedContext()
     if score not in SCORES:
         raise ValueError(f"unknown attention score {score!r}; choose from {sorted(SCORES)}")
     scorer = SCORES[score](query_dim, key_dim, attn_dim)
     if kind == "global":
-        return GlobalAttention(scorer)
+        return GlobalAttention(scorer, normaliser, max_len)
     if kind == "local":
         return LocalAttention(scorer, query_dim, window, attn_dim)
     raise ValueError(f"unknown attention kind {kind!r}; choose from global, local, none")

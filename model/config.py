@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 ARCHITECTURES = ("transformer", "rnn", "reader")
+NORMALISERS = ("softmax", "sparsemax", "crf")  # model/normalisers.py (this module stays free of torch)
 
 
 @dataclasses.dataclass
@@ -30,6 +31,10 @@ class ModelConfig:
     score: Literal["additive", "dot", "general", "concat", "scaled_dot"] = "additive"
     attn_dim: int = 256
     window: int = 8  # local attention half-width D
+    # Scores -> attention weights (model/normalisers.py): softmax; sparsemax (Martins & Astudillo
+    # 2016, exact zeros); crf (Kim et al. 2017, marginals of a linear-chain CRF over the source,
+    # normalised to sum to 1). Non-softmax: RNN global attention only.
+    normaliser: Literal["softmax", "sparsemax", "crf"] = "softmax"
     # Image reader (arch = "reader", model/vision/): a CNN's grid of annotation vectors read by
     # an attending GRU/LSTM (Xu et al. 2015). It reuses cell, hidden (the decoder state size),
     # attention (soft | hard | none), score, attn_dim, d_model (symbol embedding) and dropout.
@@ -54,6 +59,11 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.arch not in ARCHITECTURES:
             raise ValueError(f"unknown architecture {self.arch!r}; choose from {ARCHITECTURES}")
+        if self.normaliser not in NORMALISERS:
+            raise ValueError(f"unknown attention normaliser {self.normaliser!r}; choose from {NORMALISERS}")
+        if self.normaliser != "softmax" and (self.arch != "rnn" or self.attention != "global"):
+            raise ValueError(f"the {self.normaliser!r} normaliser is for RNN global attention only "
+                             f"(arch 'rnn', attention 'global'); got arch {self.arch!r}, attention {self.attention!r}")
 
     @property
     def label(self) -> str:
@@ -62,7 +72,8 @@ class ModelConfig:
         if self.arch == "reader":
             return f"reader-{self.cell}-{self.attention}"
         attention = "noattn" if self.attention == "none" else f"{self.attention}-{self.score}"
-        return f"{self.cell}-{self.decoder}-{attention}"
+        normaliser = "" if self.normaliser == "softmax" else f"-{self.normaliser}"
+        return f"{self.cell}-{self.decoder}-{attention}{normaliser}"
 
 
 @dataclasses.dataclass

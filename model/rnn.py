@@ -93,7 +93,8 @@ class BahdanauDecoder(_RNNDecoderBase):
     def __init__(self, cfg: ModelConfig):
         D = M = 2 * cfg.hidden
         super().__init__(cfg, cfg.d_model + M)
-        self.attention = build_rnn_attention(cfg.attention, cfg.score, D, M, cfg.attn_dim, cfg.window)
+        self.attention = build_rnn_attention(cfg.attention, cfg.score, D, M, cfg.attn_dim, cfg.window,
+                                             cfg.normaliser, cfg.max_len)
         self.pre_output = nn.Linear(D + M + cfg.d_model, cfg.d_model)
 
     def step(self, y_prev: torch.Tensor, state: State) -> tuple[torch.Tensor, State, torch.Tensor]:
@@ -110,7 +111,8 @@ class LuongDecoder(_RNNDecoderBase):
     def __init__(self, cfg: ModelConfig):
         D = M = 2 * cfg.hidden
         super().__init__(cfg, 2 * cfg.d_model)
-        self.attention = build_rnn_attention(cfg.attention, cfg.score, D, M, cfg.attn_dim, cfg.window)
+        self.attention = build_rnn_attention(cfg.attention, cfg.score, D, M, cfg.attn_dim, cfg.window,
+                                             cfg.normaliser, cfg.max_len)
         self.combine = nn.Linear(M + D, cfg.d_model, bias=False)
 
     def init_state(self, memory, keys, mask, init) -> State:
