@@ -308,7 +308,7 @@ def _read(args: argparse.Namespace) -> int:
             continue
         print(f"{path}\t{reading.text}" + (f"\t{reading.score:.3f}" if args.scores else ""))
         if args.overlays:
-            out = Path(args.overlays) / f"{Path(path).stem}.attention.png"
+            out = Path(args.overlays) / f"{Path(path).name}.attention.png"  # door.png and door.jpg: two files
             out.parent.mkdir(parents=True, exist_ok=True)
             overlay_strip(reader.decode(data), reading, reader.grid).save(out)
     return status
@@ -521,7 +521,7 @@ def add_read_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--timeout", type=float, default=30.0, help="with --server: deadline in seconds")
     parser.add_argument("--threads", type=int, default=1, help="offline: onnxruntime intra-op threads")
     parser.add_argument("--scores", action="store_true", help="also print the reading's log-probability")
-    parser.add_argument("--overlays", help="offline: write DIR/<image>.attention.png, one attention map per symbol")
+    parser.add_argument("--overlays", help="offline: write DIR/<image file name>.attention.png, one attention map per symbol")
     parser.set_defaults(func=_read)
 
 

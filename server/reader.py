@@ -51,7 +51,10 @@ def decode_image(data: bytes, height: int, width: int, channels: int = 3) -> np.
         if image.width * image.height > MAX_IMAGE_PIXELS:
             raise ImageError(f"image of {image.width}x{image.height} pixels is over the limit of {MAX_IMAGE_PIXELS}")
         image.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as exc:
+    except UnidentifiedImageError:
+        raise ImageError(f"undecodable image: not in a format the reader decodes (PNG, JPEG, WebP, GIF, BMP, TIFF); "
+                         f"starts with {data[:8]!r}") from None
+    except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
         raise ImageError(f"undecodable image: {exc}") from None
     bands = len(image.getbands())
     if image.mode in ("1", "L", "I;16", "I", "F"):

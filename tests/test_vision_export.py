@@ -115,6 +115,12 @@ def test_read_command_prints_path_and_text_and_refuses_bad_files(bundle, tmp_pat
     assert path == str(good) and text.isdigit()
     assert main(["read", str(bad), str(good), "--model", str(directory)]) == 1  # reports the bad one, reads on
     assert capsys.readouterr().out.count("\t") == 1
+    jpeg = tmp_path / "good.jpg"  # the same name with another extension: its own overlay file
+    Image.open(good).save(jpeg, quality=95)
+    overlays = tmp_path / "overlays"
+    assert main(["read", str(good), str(jpeg), "--model", str(directory), "--overlays", str(overlays)]) == 0
+    assert sorted(p.name for p in overlays.iterdir()) == ["good.jpg.attention.png", "good.png.attention.png"]
+    assert Image.open(overlays / "good.png.attention.png").size[0] > 64 * 3  # the image, then a tile per symbol
 
 
 def test_tampered_bundles_are_refused(bundle, tmp_path: Path) -> None:
