@@ -88,6 +88,15 @@ class ReaderRepository:
             log.info("reader %s/%s ready (%s)", version.name, version.version, reader.manifest.model)
         except (ReaderBundleError, OSError, ValueError, KeyError, RuntimeError) as exc:  # onnxruntime raises RuntimeErrors
             version.reason = str(exc)
+            with self._lock:
+                previous = self._versions.get((version.name, version.version))
+            if previous is not None and previous.reader is not None:
+                # Changed in place into something unloadable (a half-copied or tampered bundle):
+                # refuse the change and go on serving what was loaded; retried when it changes again.
+                log.error("reader %s/%s changed and failed to load (%s); the previous load goes on serving",
+                          version.name, version.version, exc)
+                previous.fingerprint, previous.reason = version.fingerprint, version.reason
+                return
             log.error("reader %s/%s failed to load: %s", version.name, version.version, exc)
         with self._lock:
             self._versions[(version.name, version.version)] = version

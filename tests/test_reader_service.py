@@ -113,6 +113,29 @@ def test_hot_reload_serves_a_new_version_and_drops_a_removed_one(served) -> None
     assert stub.Read(pb.ReadRequest(images=[image]), timeout=30).version == "1"
 
 
+def test_a_corrupt_bundle_is_refused_while_the_old_one_serves(served) -> None:
+    server, _, stub, bundle = served
+    image = png(render(11, "train", 0).image)
+    expected = stub.Read(pb.ReadRequest(images=[image])).readings[0].text  # no deadline: served all the same
+    broken = bundle.parent / "3"
+    shutil.copytree(bundle, broken)
+    (broken / "fp32" / "decoder_step.onnx").write_bytes(b"truncated")  # a new version, corrupt
+    server.readers.scan()
+    response = stub.Read(pb.ReadRequest(images=[image]), timeout=30)
+    assert (response.version, response.readings[0].text) == ("1", expected)
+    shutil.rmtree(broken)
+    graph = bundle / "fp32" / "encoder.onnx"  # the served version itself, changed in place
+    original = graph.read_bytes()
+    try:
+        graph.write_bytes(original[: len(original) // 2])
+        server.readers.scan()
+        assert stub.Read(pb.ReadRequest(images=[image]), timeout=30).readings[0].text == expected
+    finally:
+        graph.write_bytes(original)
+        server.readers.scan()
+    assert stub.Read(pb.ReadRequest(images=[image]), timeout=30).readings[0].text == expected
+
+
 def test_read_command_with_server(served, tmp_path: Path, capsys) -> None:
     _, port, _, _ = served
     good, bad = tmp_path / "good.png", tmp_path / "bad.jpg"
