@@ -8,7 +8,8 @@ model/vision/data.py:
              plain or gradient plate, with an optional border, blur, rotation and JPEG; the
              crop is tight around the number, at whatever aspect ratio that gives
     captcha  the `captcha` package's ImageCaptcha: warped, rotated and overlapping digits with
-             noise curves and dots, a style much harder than house numbers
+             noise curves and dots, a style much harder than house numbers; not reproducible
+             (it draws from `secrets`)
 
 Each image is sent as encoded bytes through the served path's own decoding (server/reader.py:
 decode, stretch to the bundle's input size, read), offline:
@@ -73,7 +74,8 @@ def magick_image(rng: random.Random, text: str, font: Path, command: str) -> byt
         if abs(sum(fg) - sum(bg)) > 200:
             break
     colour = "rgb({},{},{})".format
-    args = [command, "-background", colour(*bg), "-fill", colour(*fg), "-font", str(font),
+    # -seed: ImageMagick's own noise generator, seeded from ours, so a run repeats exactly.
+    args = [command, "-seed", str(rng.randint(0, 2**31 - 1)), "-background", colour(*bg), "-fill", colour(*fg), "-font", str(font),
             "-pointsize", str(rng.randint(18, 60)), "-kerning", str(rng.randint(-2, 6)), f"label:{text}"]
     if rng.random() < 0.5:  # a lighting gradient over the plate: darker or lighter towards one corner
         shade = rng.randint(150, 230)
@@ -140,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         from captcha.image import ImageCaptcha
 
         generator = ImageCaptcha(width=160, height=60)
-        random.seed(args.seed)  # captcha draws from the random module
+        # captcha draws its distortions from `secrets`, which cannot be seeded: its images, and
+        # so its score, change from run to run (by about 2 points at 500 images); the labels do not.
         labels = [random_number(rng) for _ in range(args.images)]
         sets["captcha"] = ([captcha_image(generator, text) for text in labels], labels)
     except ImportError:
