@@ -213,3 +213,25 @@ def test_font_directory_adds_faces_that_draw_digits(tmp_path: Path) -> None:
     (only_broken / "Broken.ttf").write_bytes(b"\0" * 64)
     with pytest.raises(RuntimeError, match="draws the ten digits"):
         fonts_in(only_broken)
+
+
+def test_hard_reader_resume_is_exact(tiny_set: Path, tmp_path: Path) -> None:
+    """Hard attention draws samples, an expectation mask and a baseline: stopping at step 20 and
+    resuming to 40 still gives the weights, baseline and schedule of an uninterrupted run."""
+    import safetensors.torch
+
+    def config(out: str, steps: int) -> Config:
+        c = reader_config("hard", str(tiny_set), out, max_steps=steps)
+        c.train.eval_every, c.model.hard_expectation_warmup = 15, 30  # resumed in the middle of the schedule
+        return c
+
+    run_training(config(str(tmp_path / "straight"), 40))
+    run_training(config(str(tmp_path / "resumed"), 20))
+    assert json.loads((tmp_path / "resumed/checkpoints/last/meta.json").read_text())["step"] == 20
+    assert run_training(config(str(tmp_path / "resumed"), 40)).step == 40
+    a = safetensors.torch.load_file(str(tmp_path / "straight/checkpoints/last/model.safetensors"))
+    b = safetensors.torch.load_file(str(tmp_path / "resumed/checkpoints/last/model.safetensors"))
+    assert a.keys() == b.keys() and {"baseline", "updates"} <= set(a)
+    assert int(a["updates"]) == 40
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
