@@ -30,7 +30,7 @@ import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from attnserve.decoding_rules import LengthLimit, SpecialIds
 
@@ -111,6 +111,34 @@ class JsonRecord:
         if problems:
             raise ManifestError(source, problems)
         return record
+
+
+class VersionedManifest(JsonRecord):
+    """What every manifest.json shares: `format` and `format_version` fields (the subclass's
+    own, as dataclass fields with these defaults), checked before anything else is read and
+    written first, as the exporters have always written them."""
+
+    FORMAT_NAME: ClassVar[str]
+    FORMAT_VERSION: ClassVar[int]
+
+    def _check_format(self) -> None:
+        if (self.format, self.format_version) != (self.FORMAT_NAME, self.FORMAT_VERSION):  # type: ignore[attr-defined]
+            raise FormatVersionError("manifest", self.format, self.format_version,  # type: ignore[attr-defined]
+                                     self.FORMAT_NAME, self.FORMAT_VERSION)
+
+    def to_json(self) -> dict[str, Any]:
+        data = _to_json(self)
+        return {"format": data.pop("format"), "format_version": data.pop("format_version"), **data}
+
+    @classmethod
+    def from_json(cls, data: object, source: str = "manifest") -> Any:
+        """Read a manifest, checking the format version first (a manifest of another version
+        may have any layout), then every record, reporting every problem at once."""
+        _require_format(data, source, cls.FORMAT_NAME, cls.FORMAT_VERSION)
+        return super().from_json(data, source)
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), indent=2) + "\n"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,7 +259,7 @@ class Languages(JsonRecord):
 
 
 @dataclasses.dataclass(frozen=True)
-class Manifest(JsonRecord):
+class Manifest(VersionedManifest):
     """manifest.json. `files` maps every other file of the bundle to its sha256 (the manifest
     cannot contain its own)."""
 
@@ -259,32 +287,18 @@ class Manifest(JsonRecord):
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
+    FORMAT_NAME: ClassVar[str] = FORMAT
+    FORMAT_VERSION: ClassVar[int] = FORMAT_VERSION
+
     def __post_init__(self) -> None:
-        if (self.format, self.format_version) != (FORMAT, FORMAT_VERSION):
-            raise FormatVersionError("manifest", self.format, self.format_version)
+        self._check_format()
         for record in [self, *self.precisions.values()]:  # read-only mappings: a manifest does not change
             _freeze_mappings(record)
-
-    def to_json(self) -> dict[str, Any]:
-        """The manifest as JSON values; the format and its version first, as the exporter has
-        always written them."""
-        data = _to_json(self)
-        return {"format": data.pop("format"), "format_version": data.pop("format_version"), **data}
-
-    @classmethod
-    def from_json(cls, data: object, source: str = "manifest") -> Manifest:
-        """Read a manifest, checking the format version first (a manifest of another version
-        may have any layout), then every record, reporting every problem at once."""
-        _require_format(data, source, FORMAT, FORMAT_VERSION)
-        return super().from_json(data, source)
 
     def validation_of(self, precision: str) -> ValidationRecord | None:
         """What export measured for this precision; None for a precision the bundle lacks."""
         record = self.precisions.get(precision)
         return record.validation if record is not None else None
-
-    def dumps(self) -> str:
-        return json.dumps(self.to_json(), indent=2) + "\n"
 
     @classmethod
     def read(cls, path: Path) -> Manifest:
@@ -381,7 +395,7 @@ class ReaderValidation(JsonRecord):
 
 
 @dataclasses.dataclass(frozen=True)
-class ReaderManifest(JsonRecord):
+class ReaderManifest(VersionedManifest):
     """A reader bundle's manifest.json. `files` maps every other file of the bundle to its sha256
     (the manifest cannot contain its own)."""
 
@@ -402,23 +416,12 @@ class ReaderManifest(JsonRecord):
     format: str = READER_FORMAT
     format_version: int = READER_FORMAT_VERSION
 
+    FORMAT_NAME: ClassVar[str] = READER_FORMAT
+    FORMAT_VERSION: ClassVar[int] = READER_FORMAT_VERSION
+
     def __post_init__(self) -> None:
-        if (self.format, self.format_version) != (READER_FORMAT, READER_FORMAT_VERSION):
-            raise FormatVersionError("manifest", self.format, self.format_version, READER_FORMAT, READER_FORMAT_VERSION)
+        self._check_format()
         _freeze_mappings(self)  # read-only: a manifest does not change under the reader that reads it
-
-    def to_json(self) -> dict[str, Any]:
-        """The manifest as JSON values; the format and its version first, as the exporter has
-        always written them."""
-        data = _to_json(self)
-        return {"format": data.pop("format"), "format_version": data.pop("format_version"), **data}
-
-    @classmethod
-    def from_json(cls, data: object, source: str = "manifest") -> ReaderManifest:
-        """Read a manifest, checking the format version first (a manifest of another version
-        may have any layout), then every record, reporting every problem at once."""
-        _require_format(data, source, READER_FORMAT, READER_FORMAT_VERSION)
-        return super().from_json(data, source)
 
     def problems(self) -> list[str]:
         """Every way this manifest falls short of a complete, self-consistent bundle: the grid
@@ -469,9 +472,6 @@ class ReaderManifest(JsonRecord):
         if problems := self.problems():
             raise ManifestError(source, problems)
         return self
-
-    def dumps(self) -> str:
-        return json.dumps(self.to_json(), indent=2) + "\n"
 
     @classmethod
     def read(cls, path: Path) -> ReaderManifest:

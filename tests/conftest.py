@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import pytest
 
-from attnserve.model.corpus import write_tsv
 from attnserve.model.train import run_training
-from tests.test_training import toy_config, toy_pair
+from tests.test_training import toy_config, write_toy_corpus
 
 ARCHITECTURES = {
     "transformer": dict(arch="transformer"),
@@ -23,12 +21,7 @@ ARCHITECTURES = {
 def trained(tmp_path_factory) -> dict[str, Path]:
     """Run directories of every architecture, trained 150 steps on the toy corpus."""
     root = tmp_path_factory.mktemp("trained")
-    rng = random.Random(0)
-    corpus = root / "corpus"
-    corpus.mkdir()
-    write_tsv(corpus / "train.tsv", [toy_pair(rng) for _ in range(400)])
-    write_tsv(corpus / "dev.tsv", [toy_pair(rng) for _ in range(40)])
-    write_tsv(corpus / "test.tsv", [toy_pair(rng) for _ in range(200)])  # BLEU deltas need some size
+    corpus = write_toy_corpus(root / "corpus", train=400, dev=40, test=200)  # BLEU deltas need some test size
     runs = {}
     for name, model in ARCHITECTURES.items():
         config = toy_config(corpus, root / name, **model)

@@ -5,7 +5,6 @@ them, and their export with parity."""
 from __future__ import annotations
 
 import itertools
-import random
 from pathlib import Path
 
 import onnx
@@ -199,17 +198,11 @@ def test_rnn_bahdanau_fits_a_tiny_set(name: str) -> None:
 def structured_runs(tmp_path_factory) -> dict[str, Path]:
     """A Bahdanau run per structured normaliser, a few steps on a small toy corpus: parity does
     not need a good model, only a real checkpoint and dev/test splits."""
-    from attnserve.model.corpus import write_tsv
     from attnserve.model.train import run_training
-    from tests.test_training import toy_config, toy_pair
+    from tests.test_training import toy_config, write_toy_corpus
 
     root = tmp_path_factory.mktemp("structured")
-    rng = random.Random(0)
-    corpus = root / "corpus"
-    corpus.mkdir()
-    write_tsv(corpus / "train.tsv", [toy_pair(rng) for _ in range(200)])
-    write_tsv(corpus / "dev.tsv", [toy_pair(rng) for _ in range(12)])
-    write_tsv(corpus / "test.tsv", [toy_pair(rng) for _ in range(12)])
+    corpus = write_toy_corpus(root / "corpus", train=200, dev=12, test=12)
     runs = {}
     for name in STRUCTURED:
         config = toy_config(corpus, root / name, arch="rnn", decoder="bahdanau", attention="global",

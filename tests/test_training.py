@@ -37,14 +37,18 @@ def toy_pair(rng: random.Random) -> tuple[str, str]:
     return " ".join(s1 + [verb] + s2), " ".join(t1 + [VERBS[verb]] + t2)
 
 
+def write_toy_corpus(directory: Path, train: int, dev: int, test: int, seed: int = 0) -> Path:
+    """train/dev/test.tsv of toy pairs in `directory` (made if missing), drawn in that order."""
+    rng = random.Random(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, count in (("train", train), ("dev", dev), ("test", test)):
+        write_tsv(directory / f"{split}.tsv", [toy_pair(rng) for _ in range(count)])
+    return directory
+
+
 @pytest.fixture(scope="module")
 def toy_corpus(tmp_path_factory) -> Path:
-    rng = random.Random(0)
-    directory = tmp_path_factory.mktemp("toy")
-    write_tsv(directory / "train.tsv", [toy_pair(rng) for _ in range(400)])
-    write_tsv(directory / "dev.tsv", [toy_pair(rng) for _ in range(24)])
-    write_tsv(directory / "test.tsv", [toy_pair(rng) for _ in range(40)])
-    return directory
+    return write_toy_corpus(tmp_path_factory.mktemp("toy"), train=400, dev=24, test=40)
 
 
 def toy_config(corpus: Path, out: Path, **model) -> Config:
