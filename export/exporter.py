@@ -137,6 +137,7 @@ def export_bundle(
     model, tokenizer, config = load_model(run_dir, which)
     arch = architecture_spec(model)
     work = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir.parent if out_dir.parent.exists() else None))
+    work.chmod(0o755)  # mkdtemp's 0700 would hide the bundle from a server running as another user
     try:
         manifest = _build(model, tokenizer, config, arch, run_dir, work, precisions, which, validation_sentences)
         files = sorted(p for p in work.rglob("*") if p.is_file())  # the manifest is not written yet: not itself

@@ -31,6 +31,7 @@ def test_export_matches_torch(trained: dict[str, Path], tmp_path: Path, name: st
     bundle = load_bundle(out)
     assert bundle.manifest.to_json() == manifest == json.loads((out / "manifest.json").read_text())  # typed round trip
     assert set(manifest["files"]) == {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name != "manifest.json"}
+    assert out.stat().st_mode & 0o755 == 0o755  # readable by a server that runs as another user
     engine = Engine(bundle, "fp32", device="cpu")
     model, tokenizer, _ = load_model(trained[name])
     sources = ["the red cat sees the dog", "the old house has the big green car"]

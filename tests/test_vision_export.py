@@ -54,6 +54,7 @@ def bundle(tmp_path_factory) -> tuple[Path, Path]:
 def test_export_records_parity_and_the_image_input(bundle) -> None:
     run, directory = bundle
     manifest = read_manifest(directory)
+    assert directory.stat().st_mode & 0o755 == 0o755  # readable by a server that runs as another user
     assert manifest.input.kind == "image" and manifest.input.channels == 3
     assert (manifest.input.height, manifest.input.width) == (32, 64)
     assert manifest.input.normalisation.to_json() == {"mean": 127.5, "std": 64.0, "in_graph": True}
