@@ -1,0 +1,33 @@
+"""The side-by-side benchmark compares every engine at its best setting: each engine is measured
+in every thread count (and CTranslate2 in every CT2_USE_MKL value), and the table keeps, per
+engine, beam and batch, the fastest, with the setting that gave it."""
+
+from __future__ import annotations
+
+from attnserve.bench.benchmark import best_of, build_parser, settings, table
+
+
+def result(engine: str, threads: int, sent_s: float, mkl: str = "", beam: int = 4, batch: int = 1) -> dict:
+    return {"engine": engine, "beam": beam, "batch": batch, "threads": threads, "ct2_use_mkl": mkl,
+            "sentences_per_s": sent_s, "tokens_per_s": 10 * sent_s, "peak_rss_mb": 100.0, "bleu": 48.0}
+
+
+def test_ctranslate2_is_searched_over_backends_and_the_others_over_threads() -> None:
+    assert settings("ct2-int8", [1, 2], ["0", "1"]) == [
+        {"threads": 1, "ct2_use_mkl": "0"}, {"threads": 1, "ct2_use_mkl": "1"},
+        {"threads": 2, "ct2_use_mkl": "0"}, {"threads": 2, "ct2_use_mkl": "1"}]
+    assert settings("onnx-fp32", [1, 2], ["0", "1"]) == [{"threads": 1, "ct2_use_mkl": ""}, {"threads": 2, "ct2_use_mkl": ""}]
+    args = build_parser().parse_args(["--run", "r", "--bundle", "b"])
+    assert args.threads == [1, 2] and args.ct2_mkl == ["0", "1"]  # the search is the default
+
+
+def test_each_engine_is_compared_at_its_best_setting() -> None:
+    results = [result("onnx-int8", 1, 73.8), result("onnx-int8", 2, 43.1),
+               result("ct2-int8", 1, 87.3, "0"), result("ct2-int8", 1, 6.4, "1"), result("ct2-int8", 2, 11.8, "0"),
+               result("torch", 1, 11.2), result("torch", 2, 9.5)]
+    best = {r["engine"]: r for r in best_of(results)}
+    assert (best["onnx-int8"]["threads"], best["ct2-int8"]["ct2_use_mkl"], best["torch"]["threads"]) == (1, "0", 1)
+    text = table(results)
+    row = next(line for line in text.splitlines() if "| onnx-int8 |" in line)
+    assert "1 thread |" in row and f"{73.8 / 87.3:.2f}x" in row and f"{73.8 / 11.2:.2f}x" in row  # best against best
+    assert "1 thread, CT2_USE_MKL=0" in text and text.count("| ct2-int8 |") == 1
