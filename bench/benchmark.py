@@ -19,7 +19,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -198,16 +197,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -217,7 +206,9 @@ def main(argv: list[str] | None = None) -> int:
                                  args.batches[0], args.threads[0], args.workdir)))
         return 0
     results = run_all(args)
-    cpu = _cpu_model()
+    from attnserve.model.hardware import cpu_info  # torch: only the orchestrator's report needs it
+
+    cpu = cpu_info()["model"]
     header = (f"{len(results)} runs on {cpu}, threads {args.threads}, CT2_USE_MKL {args.ct2_mkl}, "
               f"{args.sentences} sentences of {args.split}; each engine at its best setting")
     print(header + "\n\n" + table(results))

@@ -27,7 +27,6 @@ import argparse
 import io
 import json
 import logging
-import platform
 import random
 import shutil
 import subprocess
@@ -35,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from attnserve.model.hardware import cpu_info
 from attnserve.server.reader import OrtReader
 
 log = logging.getLogger("bench.reader_external")
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
 
     reader = OrtReader(args.model)
     rng = random.Random(args.seed)
-    results: dict = {"model": args.model, "seed": args.seed, "cpu": platform.processor() or platform.machine()}
+    results: dict = {"model": args.model, "seed": args.seed, "cpu": cpu_info()["model"]}
     sets: dict[str, tuple[list[bytes], list[str]]] = {}
     font = droid_font()
     command = imagemagick()
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
 
         generator = ImageCaptcha(width=160, height=60)
         # captcha draws its distortions from `secrets`, which cannot be seeded: its images, and
-        # so its score, change from run to run (by about 2 points at 500 images); the labels do not.
+        # so its score, change from run to run (16-19% of numbers in five runs at 500 images); the labels do not.
         labels = [random_number(rng) for _ in range(args.images)]
         sets["captcha"] = ([captcha_image(generator, text) for text in labels], labels)
     except ImportError:

@@ -36,7 +36,6 @@ import argparse
 import json
 import logging
 import math
-import platform
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -47,6 +46,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from attnserve.model.hardware import cpu_info
 
 log = logging.getLogger(__name__)
 
@@ -376,15 +377,7 @@ def fit(cfg: TrainConfig, model: nn.Module | None = None) -> tuple[nn.Module, di
 
 
 def hardware() -> dict[str, Any]:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "torch": torch.__version__, "threads": torch.get_num_threads()}
+    return {"cpu": cpu_info()["model"], "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
 def train_config(task: str, length: int, model: str, max_steps: int, seed: int, lr: float, eval_every: int,

@@ -53,7 +53,6 @@ import argparse
 import copy
 import json
 import math
-import platform
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -65,6 +64,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from attnserve.model.hardware import cpu_info
 from attnserve.model.research.babi import MEMORY, SIZES, TASKS, Question, load, tokens
 
 PAD = 0
@@ -434,13 +434,7 @@ def _examples(model: MemN2N, questions: list[Question], data: Encoded, preds: np
 
 
 def hardware() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpu_info()["model"]
 
 
 def run(cfg: RunConfig, log=print) -> dict[str, Any]:
