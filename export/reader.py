@@ -19,7 +19,6 @@ the manifest still states it, for clients that want to reproduce it.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import shutil
@@ -42,6 +41,7 @@ from attnserve.model.checkpoint import read_config
 from attnserve.model.vision.data import DigitDataset
 from attnserve.model.vision.evaluate import load_reader
 from attnserve.model.vision.reader import DIGIT_OFFSET, PIXEL_MEAN, PIXEL_STD, ImageReader, greedy_read, normalise
+from attnserve.server.bundle import sha256_file
 from attnserve.server.reader import OrtReader
 
 log = logging.getLogger(__name__)
@@ -97,10 +97,6 @@ def _export(module: nn.Module, inputs: tuple, input_names: list[str], output_nam
     import onnx
 
     onnx.save(proto, str(path))
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def parity(model: ImageReader, reader: OrtReader, images: np.ndarray, split: str, batch: int = 64) -> ReaderValidation:
@@ -170,7 +166,7 @@ def export_reader(run_dir: Path, out_dir: Path, which: str = "best", validation_
                             f"{result.max_abs_attention_diff:.2e} over tolerance {ATOL:.0e}")
         if failures:
             raise ReaderExportError("; ".join(failures))
-        files = {str(p.relative_to(work)): _sha256(p) for p in sorted(work.rglob("*.onnx"))}
+        files = {str(p.relative_to(work)): sha256_file(p) for p in sorted(work.rglob("*.onnx"))}
         # The whole check a server makes on reading it: what export writes, it must read.
         manifest = dataclasses.replace(manifest, validation=result, files=files).validate()
         (work / MANIFEST_FILE).write_text(manifest.dumps())

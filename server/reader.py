@@ -12,7 +12,6 @@ bundle's grid (rows x cols, row-major). The bundle's manifest is a ReaderManifes
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import json
 from pathlib import Path
@@ -24,6 +23,7 @@ from attnserve.bundle_format import (  # noqa: F401  READER_FORMAT(_VERSION): re
     ReaderManifest,
 )
 from attnserve.decoding_rules import BOS_ID, EOS_ID
+from attnserve.server.bundle import sha256_file
 
 MAX_IMAGE_BYTES = 4 << 20  # an encoded image larger than this is refused
 MAX_IMAGE_PIXELS = 4096 * 4096
@@ -163,7 +163,7 @@ def read_manifest(directory: Path, verify: bool = True) -> ReaderManifest:
     if verify:
         for name, digest in manifest.files.items():
             file = Path(directory) / name
-            if not file.is_file() or hashlib.sha256(file.read_bytes()).hexdigest() != digest:
+            if not file.is_file() or sha256_file(file) != digest:
                 raise ReaderBundleError(f"{file}: missing or its sha256 differs from the manifest's")
     return manifest
 
