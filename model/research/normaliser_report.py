@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from attnserve.model.batching import collate, encode_pairs
-from attnserve.model.checkpoint import load_model
+from attnserve.model.checkpoint import load_model, read_config
 from attnserve.model.corpus import load_tsv
 
 log = logging.getLogger("attnserve.model.research.normaliser_report")
@@ -92,8 +92,6 @@ def main(argv: list[str] | None = None) -> int:
 
     results, all_maps, tokenizers, rows = {}, [], [], []
     for run in args.runs:
-        from attnserve.model.checkpoint import read_config
-
         rows = load_tsv(Path(read_config(run).train.data_dir) / "test.tsv")[: args.sentences]
         maps, tokenizer, config = attention_of(run, rows)
         results[run.name] = {"normaliser": config.model.normaliser, **statistics(maps)}
