@@ -522,6 +522,12 @@ def run_training(config: Config, run_dir: Path | None = None, resume: bool = Tru
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+        if distributed.enabled:
+            # Tear down together: a rank that destroys its gloo pairs while rank 0 is still
+            # writing the last checkpoint can abort in gloo's teardown ("terminate called
+            # without an active exception"). The DDP wrapper's reducer holds the group too.
+            dist.barrier()
+            trainer.training_model = trainer.model
     finally:
         if distributed.enabled and dist.is_initialized():
             dist.destroy_process_group()
