@@ -1,46 +1,73 @@
 """Single-kernel timings behind docs/performance.md, "Where the batch-1 step goes": one
-onnxruntime MatMul at the shapes of a beam-4, batch-1 decoder step (4 rows), 1 thread, no
-spinning, against torch and numpy, and the cost of one session run with one Identity node.
+onnxruntime MatMul at each shape of a beam-4, batch-1 decoder step (4 rows), with the engine's
+session options (server/runtime.py: 1 thread, no spinning), against torch and numpy for the
+output projection, and the cost of a session run with one Identity node.
 
     python bench/small_gemm.py
 """
-import logging, time, numpy as np, onnx, onnxruntime as ort, torch
-from onnx import helper, TensorProto, numpy_helper
-log = logging.getLogger("attnserve.bench.small_gemm").info
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import numpy as np
+import onnxruntime as ort
+import torch
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from attnserve.export.specs import IR_VERSION
+from attnserve.model.hardware import cpu_info
+from attnserve.server.runtime import session_options
+
+log = logging.getLogger("attnserve.bench.small_gemm")
+
+ROWS = 4  # beam 4, batch 1
+# (K, N): the output projection, then attention (one projection, packed QKV), FFN in and out
+SHAPES = [(256, 8000), (256, 256), (256, 768), (256, 1024), (1024, 256)]
+
+
+def one_node_session(node: onnx.NodeProto, width: int, weights: np.ndarray | None = None) -> ort.InferenceSession:
+    """A session over one node reading input "x" (ROWS, width) and, if given, initializer "W"."""
+    initializers = [numpy_helper.from_array(weights, "W")] if weights is not None else []
+    graph = helper.make_graph([node], "one_node", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [ROWS, width])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=IR_VERSION)
+    return ort.InferenceSession(model.SerializeToString(), session_options(threads=1, spin=False),
+                                providers=["CPUExecutionProvider"])
+
+
+def microseconds(call: Callable[[], object], repeats: int = 2000, warm_up: int = 50) -> float:
+    for _ in range(warm_up):
+        call()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        call()
+    return (time.perf_counter() - started) / repeats * 1e6
 
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    M, K, N = 4, 256, 8000
+    log.info("%s, onnxruntime %s, torch %s", cpu_info()["model"], ort.__version__, torch.__version__)
     rng = np.random.default_rng(0)
-    W = rng.standard_normal((K, N), dtype=np.float32) * 0.05
-    x = rng.standard_normal((M, K), dtype=np.float32)
-    def session(node, inits, inputs):
-        g = helper.make_graph([node], "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
-        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]); m.ir_version = 9
-        o = ort.SessionOptions(); o.intra_op_num_threads = 1; o.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        return ort.InferenceSession(m.SerializeToString(), o, providers=["CPUExecutionProvider"])
-    def bench(f, n=2000):
-        for _ in range(50): f()
-        t = time.perf_counter()
-        for _ in range(n): f()
-        return (time.perf_counter() - t) / n * 1e6
-    s = session(helper.make_node("MatMul", ["x", "W"], ["y"]), [numpy_helper.from_array(W, "W")],
-                [helper.make_tensor_value_info("x", TensorProto.FLOAT, [M, K])])
-    log(f"ORT MatMul fp32 {M}x{K}x{N}: {bench(lambda: s.run(None, {'x': x})):.0f} us  ({W.nbytes/1e6:.1f} MB weights)")
-    torch.set_num_threads(1); xt, Wt = torch.from_numpy(x), torch.from_numpy(W)
-    log(f"torch fp32: {bench(lambda: xt @ Wt):.0f} us")
-    Wb = Wt.bfloat16(); xb = xt.bfloat16()
-    log(f"torch bf16: {bench(lambda: xb @ Wb):.0f} us")
-    log(f"numpy fp32: {bench(lambda: x @ W):.0f} us")
-    for (k, n) in [(256, 256), (256, 768), (256, 1024), (1024, 256)]:
-        W2 = rng.standard_normal((k, n), dtype=np.float32)
-        s2 = session(helper.make_node("MatMul", ["x", "W"], ["y"]), [numpy_helper.from_array(W2, "W")],
-                     [helper.make_tensor_value_info("x", TensorProto.FLOAT, [M, k])])
-        x2 = rng.standard_normal((M, k), dtype=np.float32)
-        log(f"ORT MatMul fp32 {M}x{k}x{n}: {bench(lambda: s2.run(None, {'x': x2}), 5000):.1f} us")
-    e = session(helper.make_node("Identity", ["x"], ["y"]), [], [helper.make_tensor_value_info("x", TensorProto.FLOAT, [M, K])])
-    log(f"ORT one Identity node (session.run overhead): {bench(lambda: e.run(None, {'x': x}), 5000):.1f} us")
+    torch.set_num_threads(1)
+    for k, n in SHAPES:
+        weights = rng.standard_normal((k, n), dtype=np.float32) * 0.05
+        x = rng.standard_normal((ROWS, k), dtype=np.float32)
+        session = one_node_session(helper.make_node("MatMul", ["x", "W"], ["y"]), k, weights)
+        log.info("onnxruntime MatMul fp32 %dx%dx%d (%.2f MB of weights): %.1f us", ROWS, k, n, weights.nbytes / 1e6,
+                 microseconds(lambda: session.run(None, {"x": x})))
+        if n == 8000:  # the output projection: the same product in torch (fp32, bf16) and numpy
+            xt, wt = torch.from_numpy(x), torch.from_numpy(weights)
+            xb, wb = xt.bfloat16(), wt.bfloat16()
+            log.info("  torch fp32 %.1f us, torch bf16 %.1f us, numpy fp32 %.1f us", microseconds(lambda: xt @ wt),
+                     microseconds(lambda: xb @ wb), microseconds(lambda: x @ weights))
+    x = rng.standard_normal((ROWS, 256), dtype=np.float32)
+    identity = one_node_session(helper.make_node("Identity", ["x"], ["y"]), 256)
+    log.info("onnxruntime, one Identity node (the cost of a session run): %.1f us",
+             microseconds(lambda: identity.run(None, {"x": x}), 5000))
 
 
 if __name__ == "__main__":
