@@ -4,6 +4,8 @@ engine, beam and batch, the fastest, with the setting that gave it."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from attnserve.bench.benchmark import best_of, build_parser, settings, table
 
 
@@ -31,3 +33,34 @@ def test_each_engine_is_compared_at_its_best_setting() -> None:
     row = next(line for line in text.splitlines() if "| onnx-int8 |" in line)
     assert "1 thread |" in row and f"{73.8 / 87.3:.2f}x" in row and f"{73.8 / 11.2:.2f}x" in row  # best against best
     assert "1 thread, CT2_USE_MKL=0" in text and text.count("| ct2-int8 |") == 1
+
+
+def test_the_step_profile_sums_every_kernel_of_a_real_step(tmp_path) -> None:
+    """bench/step_profile.py on the shipped bundle: the per-op rows add up to the kernel total,
+    each op's node count is what the graph holds, and a second graph runs on the same feed."""
+    import collections
+    import json
+    import sys
+
+    import onnx
+
+    from attnserve.bench import step_profile
+
+    bundle = str(Path(__file__).resolve().parents[1] / "models" / "repository" / "en-fr" / "1")
+    graph = f"{bundle}/fp32/decoder_step.onnx"
+    out = tmp_path / "profile.json"
+    argv, sys.argv = sys.argv, ["step_profile", bundle, "--rows", "2", "--past", "3", "--repeats", "5",
+                                "--graph", graph, "--json", str(out)]
+    try:
+        step_profile.main()
+    finally:
+        sys.argv = argv
+    report = json.loads(out.read_text())
+    assert report["rows"] == 2 and report["past"] == 3 and len(report["graphs"]) == 2
+    for entry in report["graphs"].values():
+        profile = entry["profile"]
+        assert entry["timing"]["median_ms"] > 0 and profile["runs"] >= 5
+        assert abs(sum(r["us_per_step"] for r in profile["by_op"].values()) - profile["kernel_us_per_step"]) < 1e-6 * profile["kernel_us_per_step"] + 1e-6
+    # onnxruntime fuses some nodes (Gelu with its bias), so compare an op it leaves alone
+    nodes = collections.Counter(n.op_type for n in onnx.load(graph).graph.node)
+    assert report["graphs"][graph]["profile"]["by_op"]["Attention"]["nodes"] == nodes["Attention"]
