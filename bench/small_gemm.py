@@ -1,7 +1,8 @@
 """Single-kernel timings behind docs/performance.md, "Where the batch-1 step goes": one
 onnxruntime MatMul at each shape of a beam-4, batch-1 decoder step (4 rows), with the engine's
 session options (server/runtime.py: 1 thread, no spinning), against torch and numpy for the
-output projection, and the cost of a session run with one Identity node.
+output projection, the same 256 x 256 product alone and as 74 distinct ones (a fp32 step's weight bytes), and the
+cost of a session run with one Identity node.
 
     python bench/small_gemm.py
 """
@@ -39,6 +40,19 @@ def one_node_session(node: onnx.NodeProto, width: int, weights: np.ndarray | Non
                                 providers=["CPUExecutionProvider"])
 
 
+def chain_session(weights: list[np.ndarray]) -> ort.InferenceSession:
+    """x (ROWS, 256) through len(weights) MatMuls, each with its own 256 x 256 initializer: a
+    step's worth of distinct weights, which no cache level holds from one run to the next."""
+    nodes = [helper.make_node("MatMul", ["x" if i == 0 else f"h{i}", f"W{i}"], ["y" if i == len(weights) - 1 else f"h{i + 1}"])
+             for i in range(len(weights))]
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [ROWS, 256])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(w, f"W{i}") for i, w in enumerate(weights)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=IR_VERSION)
+    return ort.InferenceSession(model.SerializeToString(), session_options(threads=1, spin=False),
+                                providers=["CPUExecutionProvider"])
+
+
 def microseconds(call: Callable[[], object], repeats: int = 2000, warm_up: int = 50) -> float:
     for _ in range(warm_up):
         call()
@@ -65,6 +79,15 @@ def main() -> None:
             log.info("  torch fp32 %.1f us, torch bf16 %.1f us, numpy fp32 %.1f us", microseconds(lambda: xt @ wt),
                      microseconds(lambda: xb @ wb), microseconds(lambda: x @ weights))
     x = rng.standard_normal((ROWS, 256), dtype=np.float32)
+    # The same 4 x 256 x 256 product, once alone (its 256 KB of weights stay in L2 between
+    # runs) and as 74 distinct ones (19.4 MB, a fp32 step's weights): the second is what a
+    # product costs inside the step graph, where the other 73 evict it.
+    for count in (1, 8, 74):
+        weights = [rng.standard_normal((256, 256), dtype=np.float32) * 0.05 for _ in range(count)]
+        chain = chain_session(weights)
+        total = microseconds(lambda: chain.run(None, {"x": x}), max(50, 2000 // count), 10)
+        log.info("onnxruntime, %d distinct 4x256x256 MatMuls in one graph (%.1f MB of weights): %.1f us, %.1f us each, "
+                 "%.1f GB/s", count, count * 0.262144, total, total / count, count * 0.262144e6 / total / 1e3)
     identity = one_node_session(helper.make_node("Identity", ["x"], ["y"]), 256)
     log.info("onnxruntime, one Identity node (the cost of a session run): %.1f us",
              microseconds(lambda: identity.run(None, {"x": x}), 5000))
