@@ -30,14 +30,19 @@ ROWS = 4  # beam 4, batch 1
 SHAPES = [(256, 8000), (256, 256), (256, 768), (256, 1024), (1024, 256)]
 
 
-def one_node_session(node: onnx.NodeProto, width: int, weights: np.ndarray | None = None) -> ort.InferenceSession:
-    """A session over one node reading input "x" (ROWS, width) and, if given, initializer "W"."""
-    initializers = [numpy_helper.from_array(weights, "W")] if weights is not None else []
-    graph = helper.make_graph([node], "one_node", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [ROWS, width])],
+def session_of(nodes: list[onnx.NodeProto], width: int, initializers: list[onnx.TensorProto]) -> ort.InferenceSession:
+    """A session with the engine's options over `nodes`, from input "x" (ROWS, width) to output "y"."""
+    graph = helper.make_graph(nodes, "bench", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [ROWS, width])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=IR_VERSION)
     return ort.InferenceSession(model.SerializeToString(), session_options(threads=1, spin=False),
                                 providers=["CPUExecutionProvider"])
+
+
+def one_node_session(node: onnx.NodeProto, width: int, weights: np.ndarray | None = None) -> ort.InferenceSession:
+    """A session over one node reading input "x" (ROWS, width) and, if given, initializer "W"."""
+    initializers = [numpy_helper.from_array(weights, "W")] if weights is not None else []
+    return session_of([node], width, initializers)
 
 
 def chain_session(weights: list[np.ndarray]) -> ort.InferenceSession:
@@ -45,12 +50,7 @@ def chain_session(weights: list[np.ndarray]) -> ort.InferenceSession:
     step's worth of distinct weights, which no cache level holds from one run to the next."""
     nodes = [helper.make_node("MatMul", ["x" if i == 0 else f"h{i}", f"W{i}"], ["y" if i == len(weights) - 1 else f"h{i + 1}"])
              for i in range(len(weights))]
-    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [ROWS, 256])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-                              [numpy_helper.from_array(w, f"W{i}") for i, w in enumerate(weights)])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=IR_VERSION)
-    return ort.InferenceSession(model.SerializeToString(), session_options(threads=1, spin=False),
-                                providers=["CPUExecutionProvider"])
+    return session_of(nodes, 256, [numpy_helper.from_array(w, f"W{i}") for i, w in enumerate(weights)])
 
 
 def microseconds(call: Callable[[], object], repeats: int = 2000, warm_up: int = 50) -> float:

@@ -26,13 +26,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from attnserve.bundle_format import (
-    CANDIDATE_COUNT, FORCED_TOKENS, PARENT_ROWS, PREVIOUS_TOKENS, STEP_GRAPH, ZERO_ROWS,
-)
+from attnserve.bundle_format import STEP_GRAPH
 from attnserve.model.hardware import cpu_info
 from attnserve.server.bundle import load_bundle
 from attnserve.server.engine import Engine
-from attnserve.server.runtime import host_value, session_options
+from attnserve.server.runtime import session_options
 
 log = logging.getLogger("attnserve.bench.step_profile")
 
@@ -47,10 +45,7 @@ def step_feed(engine: Engine, rows: int, past: int, candidates: int) -> dict[str
     for _ in range(past):
         _, top_ids, _, _ = engine.decode_step(state, tokens, 1, None, False)
         tokens = top_ids[:, 0].copy()
-    return {PREVIOUS_TOKENS: host_value(tokens), PARENT_ROWS: host_value(state.parent_rows),
-            ZERO_ROWS: host_value(np.zeros(state.zero_rows, dtype=np.int64)),
-            CANDIDATE_COUNT: host_value(np.array([candidates], dtype=np.int64)),
-            FORCED_TOKENS: host_value(np.zeros(rows, dtype=np.int64)), **state.static, **state.dynamic}
+    return engine.runtime.step_feed(state, tokens, candidates, None)
 
 
 def time_step(session: ort.InferenceSession, feed: dict[str, ort.OrtValue], repeats: int) -> dict[str, float]:
@@ -116,7 +111,7 @@ def graph_report(name: str, graph: str, threads: int, feed: dict[str, ort.OrtVal
     return {"graph": graph, "timing": timing, "profile": profile}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("bundle", type=Path)
     parser.add_argument("--precision", default="fp32")
@@ -127,7 +122,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=300)
     parser.add_argument("--graph", action="append", default=[], help="another decoder_step.onnx to time on the same feed")
     parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     engine = Engine(load_bundle(args.bundle), args.precision, device="cpu", threads=args.threads)
     feed = step_feed(engine, args.rows, args.past, args.candidates)

@@ -136,6 +136,16 @@ class OnnxRuntime:
             state[tensor.name] = np.zeros(shape, dtype=tensor.dtype)
         return state
 
+    @staticmethod
+    def step_feed(state: DecoderState, previous_tokens: np.ndarray, candidates: int,
+                  forced_tokens: np.ndarray | None) -> dict[str, ort.OrtValue]:
+        """The step graph's inputs for one step of every row of `state` (decode_step's arguments)."""
+        return {PREVIOUS_TOKENS: host_value(previous_tokens), PARENT_ROWS: host_value(state.parent_rows),
+                ZERO_ROWS: host_value(np.zeros(state.zero_rows, dtype=np.int64)),
+                CANDIDATE_COUNT: host_value(np.array([candidates], dtype=np.int64)),
+                FORCED_TOKENS: host_value(forced_tokens if forced_tokens is not None else np.zeros_like(previous_tokens)),
+                **state.static, **state.dynamic}
+
     def decode_step(self, state: DecoderState, previous_tokens: np.ndarray, candidates: int,
                     forced_tokens: np.ndarray | None, want_alignment: bool,
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
@@ -145,11 +155,7 @@ class OnnxRuntime:
         (B,) int64 or None: a token per row whose log-probability to return. Returns
         top_log_probs (B, candidates) float32 and top_ids (B, candidates) int64, best first;
         forced_log_probs (B,) if forced_tokens was given; the alignment row (B, S) if wanted."""
-        feed = {PREVIOUS_TOKENS: host_value(previous_tokens), PARENT_ROWS: host_value(state.parent_rows),
-                ZERO_ROWS: host_value(np.zeros(state.zero_rows, dtype=np.int64)),
-                CANDIDATE_COUNT: host_value(np.array([candidates], dtype=np.int64)),
-                FORCED_TOKENS: host_value(forced_tokens if forced_tokens is not None else np.zeros_like(previous_tokens)),
-                **state.static, **state.dynamic}
+        feed = self.step_feed(state, previous_tokens, candidates, forced_tokens)
         started = time.perf_counter()
         top_log_probs, top_ids, forced_log_probs, alignment, *new_dynamic = self.step_session.run_with_ort_values(
             self.search_outputs, feed)
