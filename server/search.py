@@ -246,14 +246,17 @@ class BeamBatch:
         beam, sentences, eos = self.beam_size, len(self.items), self.eos_id
         if sentences == 0:
             return []
-        no_eos = np.repeat(self.steps < self.min_lengths, beam)  # (n*beam,) rows that may not end yet
+        # The common step has no minimum length, prefix or constraint left: it skips their work.
+        too_short = self.steps < self.min_lengths  # (n,)
+        no_eos = np.repeat(too_short, beam) if too_short.any() else None  # (n*beam,) rows that may not end yet
         forced = self._forced()
         term_token, in_term = self._constraint_tokens(forced)
         if term_token is not None:  # a row with a term left may not end; its term's subword is scored
-            no_eos |= term_token != self.pad_id
-            forced = np.where(term_token != self.pad_id, term_token, forced if forced is not None else self.pad_id)
+            pending_term = term_token != self.pad_id
+            no_eos = pending_term if no_eos is None else no_eos | pending_term
+            forced = np.where(pending_term, term_token, forced if forced is not None else self.pad_id)
         # One more candidate per row replaces an EOS dropped on those rows.
-        eos_replacement = int(no_eos.any())
+        eos_replacement = int(no_eos is not None and bool(no_eos.any()))
         top_log_probs, top_ids, forced_log_probs, alignment = self.model.decode_step(
             self.state, self.prev, 2 * beam + eos_replacement, forced, self.alignment)  # (n*beam, 2*beam [+1])
         if term_token is not None:
@@ -273,19 +276,25 @@ class BeamBatch:
         tokens = top_ids.reshape(sentences, 2 * beam * beam)
         # Best first; ties go to the lower (beam, token) index, as torch.topk over (beam * V).
         order = np.lexsort((self.beam_of_candidate * self.vocab_size + tokens, -candidates), axis=1)[:, : 2 * beam]
-        top_scores = np.take_along_axis(candidates, order, 1)  # (n, 2*beam)
+        sentence_index = np.arange(sentences)[:, None]  # (n, 1): indexes (n, k) arrays with an (n, k) order
+        top_scores = candidates[sentence_index, order]  # (n, 2*beam)
         top_beam = order // (2 * beam)
-        top_token = np.take_along_axis(tokens, order, 1)
+        top_token = tokens[sentence_index, order]
         is_eos = top_token == eos
-        for sentence, j in np.argwhere(is_eos[:, :beam] & np.isfinite(top_scores[:, :beam]) & ~self.closed[:, None]):
-            row = sentence * beam + top_beam[sentence, j]
-            self.finished[sentence].append(self._hypothesis(sentence, row, top_scores[sentence, j], int(self.steps[sentence]), ended=True))
-        # The beam best non-EOS candidates go on (EOS ones sorted after every other).
-        pick = np.argsort(np.where(is_eos, self.candidate_positions + 2 * beam, self.candidate_positions),
-                          axis=1, kind="stable")[:, :beam]
-        self.scores = np.take_along_axis(top_scores, pick, 1)
-        parent_rows = (np.take_along_axis(top_beam, pick, 1) + np.arange(sentences)[:, None] * beam).reshape(-1)
-        self.prev = np.take_along_axis(top_token, pick, 1).reshape(-1).astype(np.int64)
+        ending = is_eos[:, :beam]
+        if ending.any():
+            for sentence, j in np.argwhere(ending & np.isfinite(top_scores[:, :beam]) & ~self.closed[:, None]):
+                row = sentence * beam + top_beam[sentence, j]
+                self.finished[sentence].append(self._hypothesis(sentence, row, top_scores[sentence, j], int(self.steps[sentence]),
+                                                                ended=True))
+            # The beam best non-EOS candidates go on (EOS ones sorted after every other).
+            pick = np.argsort(np.where(is_eos, self.candidate_positions + 2 * beam, self.candidate_positions),
+                              axis=1, kind="stable")[:, :beam]
+        else:  # no EOS among the first beam candidates: they are the ones that go on
+            pick = self.candidate_positions[:, :beam]
+        self.scores = top_scores[sentence_index, pick]
+        parent_rows = (top_beam[sentence_index, pick] + sentence_index * beam).reshape(-1)
+        self.prev = top_token[sentence_index, pick].reshape(-1).astype(np.int64)
         self.state.reorder(parent_rows)
         self.state.bound_cache(int(self.steps.max()) + 1)  # cached steps the next step needs, at most
         self.history = np.concatenate([self.history[parent_rows], self.prev[:, None]], axis=1)
@@ -295,7 +304,7 @@ class BeamBatch:
             self.attention = self.attention[parent_rows]
         self.steps += 1
         at_limit = self.limits <= self.steps
-        for sentence in np.flatnonzero(at_limit & ~self.closed):  # live hypotheses finish as they are
+        for sentence in np.flatnonzero(at_limit & ~self.closed) if at_limit.any() else ():  # live hypotheses finish as they are
             for live_beam in np.flatnonzero(np.isfinite(self.scores[sentence])):
                 self.finished[sentence].append(self._hypothesis(sentence, sentence * beam + live_beam,
                                                                 self.scores[sentence, live_beam], int(self.steps[sentence]),
@@ -407,10 +416,10 @@ class BeamBatch:
         """Drop the rows of closed (done or cancelled) sentences. Sentences from the end of the
         batch fill the holes, so only the rows that move are copied, and a finished sentence
         costs no further decoder work."""
+        if not self.closed.any():
+            return
         sentences, beam = len(self.items), self.beam_size
         closed = int(self.closed.sum())
-        if not closed:
-            return
         alive = sentences - closed
         order = np.arange(alive)  # the sentence each kept slot takes
         holes = np.flatnonzero(self.closed[:alive])

@@ -144,10 +144,12 @@ class DecoderState:
             self.zero_rows += added
 
     def past_width(self) -> int:
-        """Cached target steps the dynamic state holds (0 without a cache)."""
+        """Cached target steps the dynamic state holds (0 without a cache). Every cached
+        tensor has the same width, so one is read: the search asks every step, and reading an
+        OrtValue's shape is a call into onnxruntime."""
         past_axis = self.layout.past_axis
-        widths = [value.shape()[past_axis[name]] for name, value in self.dynamic.items() if name in past_axis]
-        return max(widths, default=0)
+        name = next((name for name in self.dynamic if name in past_axis), None)
+        return self.dynamic[name].shape()[past_axis[name]] if name is not None else 0
 
     def bound_cache(self, steps_needed: int) -> None:
         """The next step needs at most `steps_needed` cached steps: cut the cache back to them
