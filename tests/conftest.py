@@ -7,7 +7,17 @@ from pathlib import Path
 import pytest
 
 from attnserve.model.train import run_training
+from attnserve.server.config import SHIPPED_REPOSITORY
 from tests.test_training import toy_config, write_toy_corpus
+
+
+def newest_version(model_dir: Path) -> Path:
+    """The newest version folder (the largest number) of a repository model: what the server serves."""
+    return max((p for p in model_dir.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+
+
+# The shipped en-fr bundle, whichever version that is.
+SHIPPED_BUNDLE = newest_version(SHIPPED_REPOSITORY / "en-fr")
 
 ARCHITECTURES = {
     "transformer": dict(arch="transformer"),

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from attnserve.bench.benchmark import best_of, build_parser, settings, table
+from tests.conftest import SHIPPED_BUNDLE
 
 
 def result(engine: str, threads: int, sent_s: float, mkl: str = "", beam: int = 4, batch: int = 1) -> dict:
@@ -45,7 +46,7 @@ def test_the_step_profile_sums_every_kernel_of_a_real_step(tmp_path) -> None:
 
     from attnserve.bench import step_profile
 
-    bundle = str(Path(__file__).resolve().parents[1] / "models" / "repository" / "en-fr" / "1")
+    bundle = str(SHIPPED_BUNDLE)
     graph = f"{bundle}/fp32/decoder_step.onnx"
     out = tmp_path / "profile.json"
     step_profile.main([bundle, "--rows", "2", "--past", "3", "--repeats", "5", "--graph", graph, "--json", str(out)])

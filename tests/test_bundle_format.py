@@ -23,10 +23,10 @@ from attnserve.decoding_rules import (
 )
 from attnserve.server.bundle import load_bundle
 from attnserve.server.engine import Engine
-from tests.conftest import ARCHITECTURES
+from tests.conftest import ARCHITECTURES, SHIPPED_BUNDLE
 
 ROOT = Path(__file__).resolve().parent.parent
-SHIPPED = ROOT / "models" / "repository" / "en-fr" / "1" / MANIFEST_FILE
+SHIPPED = SHIPPED_BUNDLE / MANIFEST_FILE
 
 
 def test_the_shipped_manifest_round_trips_byte_for_byte() -> None:

@@ -42,6 +42,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
+from tests.conftest import SHIPPED_BUNDLE
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -777,7 +778,7 @@ def test_dockerfile_runtime_contract(flavour: str) -> None:
     (copy_model,) = [c for c in with_model.instructions("COPY") if c.startswith("models/repository")]
     destination = copy_model.split()[-1].rstrip("/")
     assert with_model.env()["ATTNSERVE_MODEL_REPOSITORY"] == destination
-    assert (SHIPPED_REPOSITORY / "en-fr" / "1" / "manifest.json").is_file()
+    assert (SHIPPED_BUNDLE / "manifest.json").is_file()
     assert "ATTNSERVE_MODEL_REPOSITORY" not in dockerfile.final().env(), "default image: the volume decides"
 
 

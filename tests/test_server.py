@@ -25,9 +25,10 @@ from attnserve.server.bundle import load_bundle
 from attnserve.server.config import SHIPPED_REPOSITORY, ServerConfig
 from attnserve.server.engine import Engine, TranslationOptions
 from attnserve.server.service import create_server
+from tests.conftest import SHIPPED_BUNDLE
 
 ROOT = Path(__file__).resolve().parent.parent
-SHIPPED = SHIPPED_REPOSITORY / "en-fr" / "1"
+SHIPPED = SHIPPED_BUNDLE
 SENTENCES = ["Open the file.", "The printer is out of paper.", "Could not connect to the server.",
              "Delete the selected items?", "Save changes to the document before closing?", "Settings"]
 

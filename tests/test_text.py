@@ -18,9 +18,10 @@ from attnserve.server.text import icu, markup, segment
 from attnserve.server.text.confidence import Signals, confidence, repetition
 from attnserve.server.text.protect import (MaskStyle, ProtectedSpan, apply_edits, find_protected, mask, mask_edits,
                                            put_accelerator, take_accelerator)
+from tests.conftest import SHIPPED_BUNDLE
 
 ROOT = Path(__file__).resolve().parent.parent
-SHIPPED = ROOT / "models" / "repository" / "en-fr" / "1"
+SHIPPED = SHIPPED_BUNDLE
 
 
 # -- segment ----------------------------------------------------------------------------------
@@ -310,7 +311,9 @@ def test_constrained_glossary_keeps_the_sentence_and_falls_back_for_unknown_term
     # ... so the sentence is translated again with the term substituted, markup and all.
     [result] = pipeline.translate([unknown], translate)
     markup.check_well_formed(result.text)
-    assert "<b>Logithèque</b>" in result.text and not any(f.startswith("glossary") for f in result.flags)
+    # The term inside the bold element (where the article goes is the model's choice: version 2
+    # of the shipped model writes "<b>le Logithèque</b>").
+    assert re.search(r"<b>[^<]*Logithèque</b>", result.text) and not any(f.startswith("glossary") for f in result.flags)
     assert PipelineConfig().glossary_mode == "constrained"
 
 

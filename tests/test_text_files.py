@@ -16,10 +16,11 @@ import pytest
 from attnserve.server.text import TextFormat, TextItem, TextResult
 from attnserve.server.text.files import FileError, PoOptions, detect_format, translate_po, translate_text_file
 from attnserve.server.text.markup import balanced_pieces, check_well_formed
+from tests.conftest import SHIPPED_BUNDLE
 from tests.interrupt import sigkill_after_lines
 
 ROOT = Path(__file__).resolve().parent.parent
-SHIPPED = ROOT / "models" / "repository" / "en-fr" / "1"
+SHIPPED = SHIPPED_BUNDLE
 MSGFMT = shutil.which("msgfmt")
 
 CATALOG = r'''# Demo catalog.
