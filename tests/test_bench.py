@@ -59,3 +59,24 @@ def test_the_step_profile_sums_every_kernel_of_a_real_step(tmp_path) -> None:
     # onnxruntime fuses some nodes (Gelu with its bias), so compare an op it leaves alone
     nodes = collections.Counter(n.op_type for n in onnx.load(graph).graph.node)
     assert report["graphs"][graph]["profile"]["by_op"]["Attention"]["nodes"] == nodes["Attention"]
+
+
+def test_bundle_eval_scores_the_engines_own_output_as_perfect(bundles, tmp_path) -> None:
+    """bench/bundle_eval.py: references equal to what the engine writes score BLEU and chrF 100,
+    and every sentence lands in one length bucket; a wrong reference scores lower."""
+    from attnserve.bench.bundle_eval import evaluate, length_bucket
+    from attnserve.server.bundle import load_bundle
+    from attnserve.server.engine import Engine, TranslationOptions
+
+    sources = ["a b c d", "b c d e f g", "c d e f g h i j k l m n"]
+    engine = Engine(load_bundle(bundles["transformer"]), "fp32", "cpu", 1)
+    own = engine.translate_text(sources, TranslationOptions(beam_size=2))
+    engine.close()
+    split = tmp_path / "split.tsv"
+    split.write_text("".join(f"{s}\t{t}\n" for s, t in zip(sources, own)), encoding="utf-8")
+    result = evaluate(bundles["transformer"], split, beam=2)
+    assert result["sentences"] == 3 and sum(result["sentences_by_length"].values()) == 3
+    assert all(own) and result["bleu"] == 100.0 and result["chrf"] == 100.0
+    split.write_text("".join(f"{s}\tzz yy xx ww\n" for s in sources), encoding="utf-8")
+    assert evaluate(bundles["transformer"], split, beam=2)["chrf"] < 100.0
+    assert [length_bucket(s) for s in ("one", " ".join(["w"] * 12), " ".join(["w"] * 31))] == ["1-5", "11-20", "31+"]
