@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 log = logging.getLogger(__name__)
 
 ENGINES = ("torch", "onnx-fp32", "onnx-int8", "ct2-float32", "ct2-int8")
@@ -94,10 +96,13 @@ def measure(engine: str, run_dir: Path, bundle_dir: Path, split: Path, sentences
     decoder = make_decoder(engine, run_dir, bundle_dir, workdir, threads, beam)
     decoder(sources[:8])  # warm-up: allocations, lazy initialisation
     outputs: list[list[int]] = [[] for _ in sources]
+    latencies: list[float] = []  # seconds per batch: at batch 1, a request's latency
     start = time.perf_counter()
     for group in _batches(sources, batch):
+        batch_start = time.perf_counter()
         for i, tokens in zip(group, decoder([sources[i] for i in group])):
             outputs[i] = tokens
+        latencies.append(time.perf_counter() - batch_start)
     seconds = time.perf_counter() - start
     hypotheses = sp.decode(outputs)
     target_tokens = sum(len(t) + 1 for t in outputs)  # with EOS, as every engine generates it
@@ -107,6 +112,8 @@ def measure(engine: str, run_dir: Path, bundle_dir: Path, split: Path, sentences
         "tokens_per_s": round(target_tokens / seconds, 1), "sentences_per_s": round(len(rows) / seconds, 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "bleu": round(sacrebleu.corpus_bleu(hypotheses, [[t for _, t in rows]]).score, 2),
+        "batch_p50_ms": round(float(np.percentile(latencies, 50)) * 1e3, 2),
+        "batch_p99_ms": round(float(np.percentile(latencies, 99)) * 1e3, 2),
     }
 
 
@@ -162,8 +169,8 @@ def best_of(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def table(results: list[dict[str, Any]]) -> str:
     """Every engine at its best setting (best_of), with the setting and the ratios between bests."""
     lines = ["| beam | batch | engine | best setting | target tok/s | sent/s | vs torch | vs ct2 same precision | "
-             "peak RSS MB | BLEU |",
-             "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+             "p50 / p99 ms a batch | peak RSS MB | BLEU |",
+             "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     results = best_of(results)
     index = {(r["engine"], r["beam"], r["batch"]): r for r in results}
     for r in results:
@@ -172,9 +179,11 @@ def table(results: list[dict[str, Any]]) -> str:
         peer_run = index.get((peer, r["beam"], r["batch"])) if peer else None
         vs_torch = f"{r['tokens_per_s'] / torch_run['tokens_per_s']:.2f}x" if torch_run else "-"
         vs_peer = f"{r['tokens_per_s'] / peer_run['tokens_per_s']:.2f}x" if peer_run else "-"
+        latency = (f"{r['batch_p50_ms']:.1f} / {r['batch_p99_ms']:.1f}" if "batch_p99_ms" in r
+                   else "-")  # results written before the latencies were recorded
         lines.append(f"| {r['beam']} | {r['batch']} | {r['engine']} | {setting_of(r)} | {r['tokens_per_s']:.0f} | "
                      f"{r['sentences_per_s']:.1f} | "
-                     f"{vs_torch} | {vs_peer} | {r['peak_rss_mb']:.0f} | {r['bleu']:.2f} |")
+                     f"{vs_torch} | {vs_peer} | {latency} | {r['peak_rss_mb']:.0f} | {r['bleu']:.2f} |")
     return "\n".join(lines)
 
 

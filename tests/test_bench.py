@@ -25,7 +25,7 @@ def test_ctranslate2_is_searched_over_backends_and_the_others_over_threads() -> 
 
 
 def test_each_engine_is_compared_at_its_best_setting() -> None:
-    results = [result("onnx-int8", 1, 73.8), result("onnx-int8", 2, 43.1),
+    results = [dict(result("onnx-int8", 1, 73.8), batch_p50_ms=11.94, batch_p99_ms=20.5), result("onnx-int8", 2, 43.1),
                result("ct2-int8", 1, 87.3, "0"), result("ct2-int8", 1, 6.4, "1"), result("ct2-int8", 2, 11.8, "0"),
                result("torch", 1, 11.2), result("torch", 2, 9.5)]
     best = {r["engine"]: r for r in best_of(results)}
@@ -33,6 +33,7 @@ def test_each_engine_is_compared_at_its_best_setting() -> None:
     text = table(results)
     row = next(line for line in text.splitlines() if "| onnx-int8 |" in line)
     assert "1 thread |" in row and f"{73.8 / 87.3:.2f}x" in row and f"{73.8 / 11.2:.2f}x" in row  # best against best
+    assert "| 11.9 / 20.5 |" in row  # its latency per batch: at batch 1, per request
     assert "1 thread, CT2_USE_MKL=0" in text and text.count("| ct2-int8 |") == 1
 
 
