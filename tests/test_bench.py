@@ -81,3 +81,20 @@ def test_bundle_eval_scores_the_engines_own_output_as_perfect(bundles, tmp_path)
     split.write_text("".join(f"{s}\tzz yy xx ww\n" for s in sources), encoding="utf-8")
     assert evaluate(bundles["transformer"], split, beam=2)["chrf"] < 100.0
     assert [length_bucket(s) for s in ("one", " ".join(["w"] * 12), " ".join(["w"] * 31))] == ["1-5", "11-20", "31+"]
+
+
+def test_scaling_sources_have_the_asked_length_and_the_state_is_counted_per_token() -> None:
+    """bench/scaling.py: sources of exactly L ids ending in EOS, and the decoder state of the
+    shipped Transformer per beam row: 6 cross-attention tensors of 4 heads x 64 fp32 values per
+    source token (and the mask's byte), the same per generated token for the self-attention cache."""
+    from attnserve.bench.scaling import sources_of_length, state_bytes
+    from attnserve.server.bundle import load_bundle
+    from attnserve.server.engine import Engine
+
+    pool = [[5, 6, 7, 3], [8, 9, 3], [10, 11, 12, 13, 3]] * 10
+    for length in (1, 5, 12):
+        sources = sources_of_length(pool, length, 3, eos=3)
+        assert all(len(s) == length and s[-1] == 3 and 3 not in s[:-1] for s in sources)
+    engine = Engine(load_bundle(SHIPPED_BUNDLE), "fp32", "cpu", 1)
+    assert state_bytes(engine) == {"per_source_token": 6 * 4 * 64 * 4 + 1, "per_target_step": 6 * 4 * 64 * 4 + 1}
+    engine.close()
