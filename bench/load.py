@@ -57,19 +57,37 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
+class Refused(Exception):
+    """The server turned a request away for load (gRPC RESOURCE_EXHAUSTED, HTTP 429): it is
+    sent again, as a client with a retry policy would."""
+
+
+# How long a refused client waits before it sends the same sentence again.
+RETRY_AFTER_S = 0.005
+
+
 async def _closed_loop(sentences: list[str], translators: list[Callable[[str], Awaitable[None]]]) -> dict[str, Any]:
     """One client per translator; each takes the next sentence from a shared list until none is
-    left, sending the next as soon as the answer comes. One row: throughput and latencies."""
+    left, sending the next as soon as the answer comes. A refused request is sent again after
+    RETRY_AFTER_S, and its latency counts from the first try. One row: throughput, latencies
+    and how many tries were refused."""
     next_index = 0
     latencies: list[float] = []
+    refused = 0
 
     async def client(translate: Callable[[str], Awaitable[None]]) -> None:
-        nonlocal next_index
+        nonlocal next_index, refused
         while next_index < len(sentences):
             sentence = sentences[next_index]
             next_index += 1
             started = time.perf_counter()
-            await translate(sentence)
+            while True:
+                try:
+                    await translate(sentence)
+                    break
+                except Refused:
+                    refused += 1
+                    await asyncio.sleep(RETRY_AFTER_S)
             latencies.append(time.perf_counter() - started)
 
     started = time.perf_counter()
@@ -77,7 +95,8 @@ async def _closed_loop(sentences: list[str], translators: list[Callable[[str], A
     elapsed = time.perf_counter() - started
     return {"clients": len(translators), "sentences": len(sentences), "seconds": round(elapsed, 3),
             "sentences_per_s": round(len(sentences) / elapsed, 2),
-            "p50_ms": round(1000 * statistics.median(latencies), 1), "p99_ms": round(1000 * _percentile(latencies, 0.99), 1)}
+            "p50_ms": round(1000 * statistics.median(latencies), 1), "p99_ms": round(1000 * _percentile(latencies, 0.99), 1),
+            "refused": refused}
 
 
 async def _drive(port: int, sentences: list[str], clients: int, beam: int) -> dict[str, Any]:
@@ -86,8 +105,13 @@ async def _drive(port: int, sentences: list[str], clients: int, beam: int) -> di
 
     def translator(stub: pb_grpc.TranslatorStub) -> Callable[[str], Awaitable[None]]:
         async def translate(sentence: str) -> None:
-            await stub.Translate(pb.TranslateRequest(sentences=[sentence], options=pb.TranslationOptions(beam_size=beam)),
-                                 timeout=120)
+            try:
+                await stub.Translate(pb.TranslateRequest(sentences=[sentence], options=pb.TranslationOptions(beam_size=beam)),
+                                     timeout=120)
+            except grpc.aio.AioRpcError as error:
+                if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:  # more clients than --workers
+                    raise Refused(error.details()) from error
+                raise
         return translate
 
     try:
@@ -121,6 +145,8 @@ class _HttpClient:
             if name.strip().lower() == b"content-length":
                 length = int(value)
         answer = await reader.readexactly(length)
+        if status[1] == b"429":
+            raise Refused(answer[:200].decode(errors="replace"))
         if status[1] != b"200":
             raise RuntimeError(f"HTTP {status[1].decode()}: {answer[:200]!r}")
 
@@ -280,13 +306,13 @@ def main(argv: list[str] | None = None) -> int:
     rows = [_median_row([run[i] for run in runs]) for i in range(len(runs[0]))]
     offline = rows[0]["sentences_per_s"]
     by_key = {(r["mode"], r.get("transport", ""), r["clients"]): r for r in rows}
-    lines = ["| mode | transport | clients | sentences/s | p50 ms | p99 ms | vs offline | vs batching off |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| mode | transport | clients | sentences/s | p50 ms | p99 ms | vs offline | vs batching off | tries refused |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         off = by_key.get(("server, batching off", r.get("transport", ""), r["clients"]))
         vs_off = f"{r['sentences_per_s'] / off['sentences_per_s']:.2f}x" if off and r["clients"] else ""
         lines.append(f"| {r['mode']} | {r.get('transport', '-')} | {r['clients'] or '-'} | {r['sentences_per_s']} | {r['p50_ms'] or '-'} | "
-                     f"{r['p99_ms'] or '-'} | {r['sentences_per_s'] / offline:.0%} | {vs_off} |")
+                     f"{r['p99_ms'] or '-'} | {r['sentences_per_s'] / offline:.0%} | {vs_off} | {r.get('refused', '-')} |")
     table = "\n".join(lines)
     print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)

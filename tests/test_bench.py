@@ -98,3 +98,25 @@ def test_scaling_sources_have_the_asked_length_and_the_state_is_counted_per_toke
     engine = Engine(load_bundle(SHIPPED_BUNDLE), "fp32", "cpu", 1)
     assert state_bytes(engine) == {"per_source_token": 6 * 4 * 64 * 4 + 1, "per_target_step": 6 * 4 * 64 * 4 + 1}
     engine.close()
+
+
+def test_the_load_loop_retries_refused_requests_and_counts_them() -> None:
+    """bench/load.py: a request the server refuses for load is sent again (its latency counts
+    from the first try), every sentence is answered exactly once, and the refusals are counted."""
+    import asyncio
+
+    from attnserve.bench.load import Refused, _closed_loop
+
+    answered: list[str] = []
+    refusals_left = {"s1": 2, "s4": 1}
+
+    async def translate(sentence: str) -> None:
+        await asyncio.sleep(0)
+        if refusals_left.get(sentence, 0):
+            refusals_left[sentence] -= 1
+            raise Refused("Concurrent RPC limit exceeded!")
+        answered.append(sentence)
+
+    sentences = [f"s{i}" for i in range(6)]
+    row = asyncio.run(_closed_loop(sentences, [translate, translate, translate]))
+    assert sorted(answered) == sentences and row["refused"] == 3 and row["sentences"] == 6 and row["clients"] == 3
