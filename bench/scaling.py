@@ -8,7 +8,7 @@ options, `--threads` onnxruntime threads:
 
 - **batch size** (1 to 128 sentences a batch): the first `--sentences` test sentences in
   length-sorted batches, as `attnserve bench` runs them; sentences/s, and milliseconds per
-  decoder step (onnxruntime time of the step graph, timed around each run).
+  decoder step (onnxruntime time of the step graph, from the engine's run observer).
 - **source length** (5 to 200 source tokens): a batch of 8 sources of exactly L tokens (test
   sentences joined until they are that long), decoded for a fixed 16 target steps, so that only
   the source changes; milliseconds per step and the encoder's time.
@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from attnserve.bundle_format import STEP_GRAPH
 from attnserve.model.corpus import load_tsv
 from attnserve.model.hardware import cpu_info
 from attnserve.server.bundle import load_bundle
@@ -44,21 +45,15 @@ BEAM = 4
 
 
 class StepTimer:
-    """Counts the decoder steps an engine runs and the time onnxruntime spends in them."""
+    """The engine's run observer: counts the decoder steps and the time onnxruntime spends in them."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self) -> None:
         self.steps, self.seconds = 0, 0.0
-        runtime = engine.runtime
-        run_step = runtime._run_step
 
-        def timed(feed):
-            started = time.perf_counter()
-            outputs = run_step(feed)
-            self.seconds += time.perf_counter() - started
+    def __call__(self, graph: str, seconds: float) -> None:
+        if graph == STEP_GRAPH:
             self.steps += 1
-            return outputs
-
-        runtime._run_step = timed
+            self.seconds += seconds
 
     def reset(self) -> None:
         self.steps, self.seconds = 0, 0.0
@@ -108,16 +103,14 @@ def source_curve(engine: Engine, timer: StepTimer, pool: list[list[int]]) -> lis
 def state_bytes(engine: Engine) -> dict[str, int]:
     """Bytes of decoder state per beam row: per source token (static) and per target step (cache)."""
     signature = engine.bundle.manifest.state
-    per_source = per_step = 0
-    for tensor in signature.static:
-        size = int(np.dtype(tensor.dtype).itemsize * np.prod([a for a in tensor.shape if isinstance(a, int)] or [1]))
-        if "src_len" in tensor.shape:
-            per_source += size
-    for tensor in signature.dynamic:
-        size = int(np.dtype(tensor.dtype).itemsize * np.prod([a for a in tensor.shape if isinstance(a, int)] or [1]))
-        if "past" in tensor.shape:
-            per_step += size
-    return {"per_source_token": per_source, "per_target_step": per_step}
+
+    def bytes_per_position(tensors, axes: dict[str, int]) -> int:
+        # the fixed axes of each tensor that has the axis (heads, head size), times its item size
+        return sum(np.dtype(t.dtype).itemsize * int(np.prod([a for a in t.shape if isinstance(a, int)]))
+                   for t in tensors if t.name in axes)
+
+    return {"per_source_token": bytes_per_position(signature.static, signature.source_axes()),
+            "per_target_step": bytes_per_position(signature.dynamic, signature.past_axes())}
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
@@ -171,8 +164,8 @@ def main(argv: list[str] | None = None) -> None:
                               "beam": BEAM, "threads": args.threads, "cpu": cpu_info()["model"], "precisions": {}}
     texts = [source for source, _ in load_tsv(args.split)]
     for precision in args.precisions:
-        engine = Engine(bundle, precision, "cpu", args.threads)
-        timer = StepTimer(engine)
+        timer = StepTimer()
+        engine = Engine(bundle, precision, "cpu", args.threads, run_observer=timer)
         pool = engine.encode_texts(texts)
         report["precisions"][precision] = {"batch": batch_curve(engine, timer, pool[: args.sentences]),
                                            "source": source_curve(engine, timer, pool)}

@@ -11,6 +11,7 @@ and not in the middle of a request.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -34,10 +35,6 @@ log = logging.getLogger(__name__)
 # Called with (graph name: ENCODER_GRAPH or STEP_GRAPH, seconds) after every onnxruntime run,
 # e.g. by the server's metrics.
 RunObserver = Callable[[str, float], None]
-
-# Sizes of the step's constant inputs (zero rows, default forced tokens, candidate counts) kept
-# made; a batch has at most a few hundred rows, so this bound is only a safety net.
-CONSTANT_CACHE_SIZE = 512
 
 
 def session_options(threads: int = 0, spin: bool = True) -> ort.SessionOptions:
@@ -69,6 +66,19 @@ def choose_providers(device: str = "auto") -> list[str]:
 def host_value(array: np.ndarray) -> ort.OrtValue:
     """A host OrtValue over a contiguous host array, without a copy (the small per-step inputs)."""
     return ort.OrtValue.ortvalue_from_numpy(array)
+
+
+# The step's constant inputs, made once per size and shared by every runtime (host values, read
+# only): a batch-1 step is short enough that making them every step showed in its profile. A
+# batch has at most a few hundred rows, so the bound only guards against a runaway caller.
+@functools.lru_cache(maxsize=512)
+def int64_zeros(size: int) -> ort.OrtValue:
+    return host_value(np.zeros(size, dtype=np.int64))
+
+
+@functools.lru_cache(maxsize=512)
+def candidate_count(candidates: int) -> ort.OrtValue:
+    return host_value(np.array([candidates], dtype=np.int64))
 
 
 class _ClosedSession:
@@ -111,8 +121,6 @@ class OnnxRuntime:
         self._check_graphs(bundle)
         # The dynamic state of a Transformer starts as zeros: no cached steps (an empty cache).
         self._zero_initial_dynamic = () if self.signature.dynamic_from_encoder else self.signature.dynamic
-        self._zeros_values: dict[int, ort.OrtValue] = {}
-        self._count_values: dict[int, ort.OrtValue] = {}
 
     def _check_graphs(self, bundle: Bundle) -> None:
         """Every name this runtime feeds or fetches must be in the graphs."""
@@ -142,32 +150,15 @@ class OnnxRuntime:
             state[tensor.name] = np.zeros(shape, dtype=tensor.dtype)
         return state
 
-    def step_feed(self, state: DecoderState, previous_tokens: np.ndarray, candidates: int,
+    @staticmethod
+    def step_feed(state: DecoderState, previous_tokens: np.ndarray, candidates: int,
                   forced_tokens: np.ndarray | None) -> dict[str, ort.OrtValue]:
         """The step graph's inputs for one step of every row of `state` (decode_step's arguments)."""
         return {PREVIOUS_TOKENS: host_value(previous_tokens), PARENT_ROWS: host_value(state.parent_rows),
-                ZERO_ROWS: self._int64_zeros(state.zero_rows), CANDIDATE_COUNT: self._candidate_count(candidates),
+                ZERO_ROWS: int64_zeros(state.zero_rows), CANDIDATE_COUNT: candidate_count(candidates),
                 FORCED_TOKENS: (host_value(forced_tokens) if forced_tokens is not None
-                                else self._int64_zeros(len(previous_tokens))),
+                                else int64_zeros(len(previous_tokens))),
                 **state.static, **state.dynamic}
-
-    # The step's constant inputs are made once per size: a batch-1 step is short enough that
-    # making them every step showed in its profile.
-    def _int64_zeros(self, size: int) -> ort.OrtValue:
-        value = self._zeros_values.get(size)
-        if value is None:
-            if len(self._zeros_values) >= CONSTANT_CACHE_SIZE:
-                self._zeros_values.clear()
-            value = self._zeros_values[size] = host_value(np.zeros(size, dtype=np.int64))
-        return value
-
-    def _candidate_count(self, candidates: int) -> ort.OrtValue:
-        value = self._count_values.get(candidates)
-        if value is None:
-            if len(self._count_values) >= CONSTANT_CACHE_SIZE:
-                self._count_values.clear()
-            value = self._count_values[candidates] = host_value(np.array([candidates], dtype=np.int64))
-        return value
 
     def decode_step(self, state: DecoderState, previous_tokens: np.ndarray, candidates: int,
                     forced_tokens: np.ndarray | None, want_alignment: bool,

@@ -64,8 +64,10 @@ def test_the_step_profile_sums_every_kernel_of_a_real_step(tmp_path) -> None:
 
 def test_bundle_eval_scores_the_engines_own_output_as_perfect(bundles, tmp_path) -> None:
     """bench/bundle_eval.py: references equal to what the engine writes score BLEU and chrF 100,
-    and every sentence lands in one length bucket; a wrong reference scores lower."""
-    from attnserve.bench.bundle_eval import evaluate, length_bucket
+    and every sentence lands in one of `attnserve eval`'s length buckets; a wrong reference scores
+    lower."""
+    from attnserve.bench.bundle_eval import evaluate
+    from attnserve.model.evaluate import bucket_of
     from attnserve.server.bundle import load_bundle
     from attnserve.server.engine import Engine, TranslationOptions
 
@@ -76,11 +78,11 @@ def test_bundle_eval_scores_the_engines_own_output_as_perfect(bundles, tmp_path)
     split = tmp_path / "split.tsv"
     split.write_text("".join(f"{s}\t{t}\n" for s, t in zip(sources, own)), encoding="utf-8")
     result = evaluate(bundles["transformer"], split, beam=2)
-    assert result["sentences"] == 3 and sum(result["sentences_by_length"].values()) == 3
+    assert result["sentences"] == 3 and sum(bucket["sentences"] for bucket in result["buckets"].values()) == 3
     assert all(own) and result["bleu"] == 100.0 and result["chrf"] == 100.0
     split.write_text("".join(f"{s}\tzz yy xx ww\n" for s in sources), encoding="utf-8")
     assert evaluate(bundles["transformer"], split, beam=2)["chrf"] < 100.0
-    assert [length_bucket(s) for s in ("one", " ".join(["w"] * 12), " ".join(["w"] * 31))] == ["1-5", "11-20", "31+"]
+    assert [bucket_of(s) for s in ("one", " ".join(["w"] * 12), " ".join(["w"] * 31))] == ["1-5", "11-20", "31+"]
 
 
 def test_scaling_sources_have_the_asked_length_and_the_state_is_counted_per_token() -> None:
