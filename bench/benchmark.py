@@ -38,7 +38,8 @@ def _batches(sources: list[list[int]], size: int) -> list[list[int]]:
     return [order[i : i + size] for i in range(0, len(order), size)]
 
 
-def make_decoder(engine: str, run_dir: Path, bundle_dir: Path, workdir: Path, threads: int, beam: int):
+def make_decoder(engine: str, run_dir: Path, bundle_dir: Path, workdir: Path, threads: int, beam: int,
+                 spin_step: bool = False):
     """A function: list of source id lists (ending in EOS) -> list of target id lists."""
     if engine == "torch":
         import torch
@@ -55,7 +56,8 @@ def make_decoder(engine: str, run_dir: Path, bundle_dir: Path, workdir: Path, th
         from attnserve.server.bundle import load_bundle
         from attnserve.server.engine import Engine, TranslationOptions
 
-        onnx_engine = Engine(load_bundle(bundle_dir), engine.split("-")[1], device="cpu", threads=threads)
+        onnx_engine = Engine(load_bundle(bundle_dir), engine.split("-")[1], device="cpu", threads=threads,
+                             spin_step=spin_step)
         opts = TranslationOptions(beam_size=beam)
         return lambda batch: [h[0].tokens for h in onnx_engine.translate_ids(
             batch, opts, max_batch_tokens=1 << 30, max_batch_sentences=len(batch))]
@@ -83,7 +85,7 @@ def make_decoder(engine: str, run_dir: Path, bundle_dir: Path, workdir: Path, th
 
 
 def measure(engine: str, run_dir: Path, bundle_dir: Path, split: Path, sentences: int, beam: int, batch: int,
-            threads: int, workdir: Path) -> dict[str, Any]:
+            threads: int, workdir: Path, spin_step: bool = False) -> dict[str, Any]:
     """Decode the sentences with one engine configuration and time it (in this process)."""
     import sacrebleu
     import sentencepiece as spm
@@ -93,7 +95,7 @@ def measure(engine: str, run_dir: Path, bundle_dir: Path, split: Path, sentences
     rows = load_tsv(split)[:sentences]
     sp = spm.SentencePieceProcessor(model_file=str(run_dir / "spm.model"))
     sources = [ids[:255] + [3] for ids in sp.encode([s for s, _ in rows])]
-    decoder = make_decoder(engine, run_dir, bundle_dir, workdir, threads, beam)
+    decoder = make_decoder(engine, run_dir, bundle_dir, workdir, threads, beam, spin_step)
     decoder(sources[:8])  # warm-up: allocations, lazy initialisation
     outputs: list[list[int]] = [[] for _ in sources]
     latencies: list[float] = []  # seconds per batch: at batch 1, a request's latency
@@ -108,6 +110,7 @@ def measure(engine: str, run_dir: Path, bundle_dir: Path, split: Path, sentences
     target_tokens = sum(len(t) + 1 for t in outputs)  # with EOS, as every engine generates it
     return {
         "engine": engine, "beam": beam, "batch": batch, "sentences": len(rows), "threads": threads,
+        "spin_step": spin_step,
         "seconds": round(seconds, 3), "target_tokens": target_tokens,
         "tokens_per_s": round(target_tokens / seconds, 1), "sentences_per_s": round(len(rows) / seconds, 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -118,10 +121,15 @@ def measure(engine: str, run_dir: Path, bundle_dir: Path, split: Path, sentences
 
 
 def settings(engine: str, threads: list[int], ct2_mkl: list[str]) -> list[dict[str, Any]]:
-    """The settings an engine is measured in: every thread count, and for CTranslate2 every
-    CT2_USE_MKL value asked for ("" leaves the environment's, CTranslate2's default)."""
-    backends = ct2_mkl if engine.startswith("ct2") else [""]
-    return [{"threads": t, "ct2_use_mkl": mkl} for t in threads for mkl in backends]
+    """The settings an engine is measured in: every thread count; for CTranslate2 every
+    CT2_USE_MKL value asked for ("" leaves the environment's, CTranslate2's default); for this
+    engine with more than one thread, its step session's workers sleeping or spinning between
+    runs (runtime.OnnxRuntime's spin_step)."""
+    if engine.startswith("ct2"):
+        return [{"threads": t, "ct2_use_mkl": mkl, "spin_step": False} for t in threads for mkl in ct2_mkl]
+    spins = [False, True] if engine.startswith("onnx") else [False]
+    return [{"threads": t, "ct2_use_mkl": "", "spin_step": spin} for t in threads for spin in spins
+            if t > 1 or not spin]
 
 
 def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -134,6 +142,8 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
                                str(args.run), "--bundle", str(args.bundle), "--split", str(args.split), "--sentences",
                                str(args.sentences), "--beams", str(beam), "--batches", str(batch), "--threads",
                                str(setting["threads"]), "--workdir", str(args.workdir)]
+                    if setting["spin_step"]:
+                        command.append("--spin-step")
                     env = dict(os.environ)
                     if setting["ct2_use_mkl"]:  # read by CTranslate2 at import: one process per value
                         env["CT2_USE_MKL"] = setting["ct2_use_mkl"]
@@ -152,6 +162,8 @@ def setting_of(result: dict[str, Any]) -> str:
     text = f"{result['threads']} thread{'s' if result['threads'] != 1 else ''}"
     if result["engine"].startswith("ct2"):
         text += f", CT2_USE_MKL={result.get('ct2_use_mkl') or 'default'}"
+    if result.get("spin_step"):
+        text += ", step spinning"
     return text
 
 
@@ -203,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workdir", type=Path, default=Path("build/bench"))
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--one", choices=ENGINES, help=argparse.SUPPRESS)  # internal: one measurement
+    parser.add_argument("--spin-step", action="store_true", help=argparse.SUPPRESS)  # internal: with --one
     return parser
 
 
@@ -212,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     args.workdir.mkdir(parents=True, exist_ok=True)
     if args.one:
         print(json.dumps(measure(args.one, args.run, args.bundle, args.split, args.sentences, args.beams[0],
-                                 args.batches[0], args.threads[0], args.workdir)))
+                                 args.batches[0], args.threads[0], args.workdir, args.spin_step)))
         return 0
     results = run_all(args)
     from attnserve.model.hardware import cpu_info  # torch: only the orchestrator's report needs it

@@ -59,9 +59,9 @@ class EncoderGraph(torch.nn.Module):
 
 
 class DecoderStepGraph(torch.nn.Module):
-    def __init__(self, model: EncoderDecoder, static: list[str], dynamic: list[str]):
+    def __init__(self, model: EncoderDecoder, static: list[str], dynamic: list[str], masked_cache: set[str]):
         super().__init__()
-        self.model, self.static, self.dynamic = model, static, dynamic
+        self.model, self.static, self.dynamic, self.masked_cache = model, static, dynamic, masked_cache
 
     def forward(self, previous_tokens: torch.Tensor, parent_rows: torch.Tensor, zero_rows: torch.Tensor,
                 *tensors: torch.Tensor):
@@ -72,10 +72,25 @@ class DecoderStepGraph(torch.nn.Module):
         state = dict(zip(self.static + self.dynamic, tensors))
         for name in self.dynamic:
             previous = state[name]  # (P, ...)
+            if name in self.masked_cache:
+                # A cached key/value is read only where the cache mask is set, and a joining
+                # row's mask starts all unset: it may start as a copy of any row (the last),
+                # which saves appending F zero rows, i.e. copying the whole cache, every step.
+                # P > 0 whenever F > 0 (DecoderState.join).
+                state[name] = previous.index_select(0, parent_rows.clamp(max=previous.size(0) - 1))  # (B, ...)
+                continue
             zeros = previous.new_zeros((zero_rows.size(0),) + tuple(previous.shape[1:]))  # (F, ...)
             state[name] = torch.cat([previous, zeros]).index_select(0, parent_rows)  # (B, ...)
         logits, new_state, attention = self.model.decode_step(previous_tokens, state)
         return (torch.log_softmax(logits.float(), dim=-1), attention, *(new_state[name] for name in self.dynamic))
+
+
+def masked_cache_names(arch: ArchitectureSpec) -> set[str]:
+    """The dynamic tensors read only where the cache mask is set: a Transformer's cached keys
+    and values (floats over the past axis; the mask itself, a bool over it, is not one)."""
+    if arch.state.dynamic_from_encoder:
+        return set()
+    return {t.name for t in arch.dynamic if PAST_AXIS in t.shape and t.dtype.startswith("float")}
 
 
 def example_inputs(model: EncoderDecoder, arch: ArchitectureSpec) -> dict[str, tuple[torch.Tensor, ...]]:
@@ -131,7 +146,8 @@ def export_graph(model: EncoderDecoder, arch: ArchitectureSpec, spec: GraphSpec,
     if spec.name == ENCODER_GRAPH:
         module = EncoderGraph(model, [t.name for t in spec.outputs])
     else:
-        module = DecoderStepGraph(model, [t.name for t in arch.static], [t.name for t in arch.dynamic])
+        module = DecoderStepGraph(model, [t.name for t in arch.static], [t.name for t in arch.dynamic],
+                                  masked_cache_names(arch))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(

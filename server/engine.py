@@ -46,10 +46,10 @@ class Engine:
     """One precision of a bundle on one execution provider; implements search.DecoderStep."""
 
     def __init__(self, bundle: Bundle, precision: str = "fp32", device: str = "auto", threads: int = 0,
-                 run_observer: RunObserver | None = None):
+                 run_observer: RunObserver | None = None, spin_step: bool = False):
         self.bundle, self.precision = bundle, precision
         manifest = bundle.manifest
-        self.runtime = OnnxRuntime(bundle, precision, device, threads, run_observer)
+        self.runtime = OnnxRuntime(bundle, precision, device, threads, run_observer, spin_step)
         self.provider = self.runtime.provider
         log.info("loaded %s (%s) on %s", bundle.path, precision, self.provider)
         self.tokenizer = spm.SentencePieceProcessor(model_file=str(bundle.tokenizer_path))

@@ -138,7 +138,12 @@ class DecoderState:
             self.dynamic = {name: self.to_device(np.concatenate([value.numpy()[self.parent_rows], joining[name]]))
                             for name, value in self.dynamic.items()}
             self.previous_rows, self.parent_rows, self.zero_rows = self.rows, np.arange(self.rows, dtype=np.int64), 0
-        else:  # all-zero initial state: the step graph appends it (see zero_rows)
+        elif self.previous_rows == 0:  # nothing to continue (a state started empty): a fresh state
+            self.dynamic = {name: self.to_device(np.zeros((self.rows,) + joining[name].shape[1:], dtype=joining[name].dtype))
+                            for name in layout.dynamic_names}
+            self.previous_rows, self.parent_rows, self.zero_rows = self.rows, np.arange(self.rows, dtype=np.int64), 0
+        else:  # all-zero initial state: the step graph appends it (see zero_rows); the step
+            # graph's fresh key/value rows copy a previous row, hence previous_rows > 0 here
             start = self.previous_rows + self.zero_rows
             self.parent_rows = np.concatenate([self.parent_rows, np.arange(start, start + added, dtype=np.int64)])
             self.zero_rows += added

@@ -17,9 +17,15 @@ def result(engine: str, threads: int, sent_s: float, mkl: str = "", beam: int = 
 
 def test_ctranslate2_is_searched_over_backends_and_the_others_over_threads() -> None:
     assert settings("ct2-int8", [1, 2], ["0", "1"]) == [
-        {"threads": 1, "ct2_use_mkl": "0"}, {"threads": 1, "ct2_use_mkl": "1"},
-        {"threads": 2, "ct2_use_mkl": "0"}, {"threads": 2, "ct2_use_mkl": "1"}]
-    assert settings("onnx-fp32", [1, 2], ["0", "1"]) == [{"threads": 1, "ct2_use_mkl": ""}, {"threads": 2, "ct2_use_mkl": ""}]
+        {"threads": 1, "ct2_use_mkl": "0", "spin_step": False}, {"threads": 1, "ct2_use_mkl": "1", "spin_step": False},
+        {"threads": 2, "ct2_use_mkl": "0", "spin_step": False}, {"threads": 2, "ct2_use_mkl": "1", "spin_step": False}]
+    # this engine: with 2 threads, also with its step session's workers spinning
+    assert settings("onnx-fp32", [1, 2], ["0", "1"]) == [
+        {"threads": 1, "ct2_use_mkl": "", "spin_step": False}, {"threads": 2, "ct2_use_mkl": "", "spin_step": False},
+        {"threads": 2, "ct2_use_mkl": "", "spin_step": True}]
+    assert settings("torch", [1, 2], ["0", "1"]) == [
+        {"threads": 1, "ct2_use_mkl": "", "spin_step": False}, {"threads": 2, "ct2_use_mkl": "", "spin_step": False}]
+    assert "2 threads, step spinning |" in table([dict(result("onnx-fp32", 2, 50.0), spin_step=True)])
     args = build_parser().parse_args(["--run", "r", "--bundle", "b"])
     assert args.threads == [1, 2] and args.ct2_mkl == ["0", "1"]  # the search is the default
 

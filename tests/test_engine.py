@@ -193,3 +193,26 @@ def test_alignments_survive_the_batch_narrowing(bundles) -> None:
     for tag, src in (("long", long), ("short", short)):
         for row in done[tag][0].alignment:
             assert len(row) == len(src) and sum(row) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_rows_joining_a_state_with_no_previous_rows_start_fresh(bundles) -> None:
+    """The step graph starts a joining row's cached keys/values as a copy of a previous row
+    (the cache mask hides it), so a state with no previous rows cannot take joins through the
+    graph: it starts fresh instead, and steps exactly as a state started with those rows."""
+    import numpy as np
+
+    from attnserve.server.state import DecoderState
+
+    engine = Engine(load_bundle(bundles["transformer"]), "fp32", device="cpu")
+    source = np.array(engine.encode_texts(["the red cat sees the dog"]), dtype=np.int64)
+    rows = engine._encoded_rows(source, 2)
+    joined = DecoderState(engine.layout, engine.runtime.to_device, {name: value[:0] for name, value in rows.items()})
+    joined.join(rows)
+    assert (joined.previous_rows, joined.zero_rows, joined.parent_rows.tolist()) == (2, 0, [0, 1])
+    started = engine.start_state(source, 2)
+    tokens = np.full(2, engine.bos, dtype=np.int64)
+    for _ in range(3):
+        got, want = (engine.decode_step(state, tokens, 4, None, False) for state in (joined, started))
+        np.testing.assert_array_equal(got[1], want[1])
+        np.testing.assert_array_equal(got[0], want[0])
+        tokens = want[1][:, 0].copy()
