@@ -9,6 +9,7 @@ measured against the bundle's in one run.
 
     python bench/step_profile.py models/repository/en-fr/1 --precision fp32 --rows 4 --past 10
     python bench/step_profile.py models/repository/en-fr/1 --graph /tmp/rewritten.onnx --json out.json
+    python bench/step_profile.py models/repository/en-fr/2 --threads 2 --spin     # as Engine(spin_step=True)
 """
 
 from __future__ import annotations
@@ -100,10 +101,11 @@ def profile_step(graph: str, options: ort.SessionOptions, feed: dict[str, ort.Or
     }
 
 
-def graph_report(name: str, graph: str, threads: int, feed: dict[str, ort.OrtValue], repeats: int) -> dict:
-    session = ort.InferenceSession(graph, session_options(threads, spin=False), providers=["CPUExecutionProvider"])
+def graph_report(name: str, graph: str, threads: int, feed: dict[str, ort.OrtValue], repeats: int,
+                 spin: bool = False) -> dict:
+    session = ort.InferenceSession(graph, session_options(threads, spin=spin), providers=["CPUExecutionProvider"])
     timing = time_step(session, feed, repeats)
-    profile = profile_step(graph, session_options(threads, spin=False), feed, repeats)
+    profile = profile_step(graph, session_options(threads, spin=spin), feed, repeats)
     log.info("%s: %.3f ms a step (median %.3f, p10-p90 %.3f-%.3f), kernels %.0f us", name, timing["mean_ms"],
              timing["median_ms"], timing["p10_ms"], timing["p90_ms"], profile["kernel_us_per_step"])
     for op, row in profile["by_op"].items():
@@ -120,6 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--candidates", type=int, default=8, help="TopK per row (the search asks 2 x beam)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=300)
+    parser.add_argument("--spin", action="store_true", help="let onnxruntime's workers spin between runs (spin_step)")
     parser.add_argument("--graph", action="append", default=[], help="another decoder_step.onnx to time on the same feed")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
@@ -131,11 +134,12 @@ def main(argv: list[str] | None = None) -> None:
              args.threads, args.rows, args.past)
     bundle_graph = str(engine.bundle.graph_files(args.precision).decoder_step)
     reports = {f"{STEP_GRAPH} ({args.precision})": graph_report(f"bundle {args.precision}", bundle_graph, args.threads,
-                                                                feed, args.repeats)}
+                                                                feed, args.repeats, args.spin)}
     for graph in args.graph:
-        reports[graph] = graph_report(graph, graph, args.threads, feed, args.repeats)
+        reports[graph] = graph_report(graph, graph, args.threads, feed, args.repeats, args.spin)
     if args.json:
         args.json.write_text(json.dumps({"hardware": hardware, "onnxruntime": ort.__version__, "threads": args.threads,
+                                         "spin": args.spin,
                                          "rows": args.rows, "past": args.past, "graphs": reports}, indent=1) + "\n")
 
 

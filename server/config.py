@@ -53,9 +53,11 @@ class ServerConfig:
     threads: int = _knob(0, "onnxruntime threads per model, split among its instances (0: all cores)")
     instances: int = _knob(0, "engine instances per model, each with its own scheduler thread and a share of the "
                               "threads; jobs go to the least loaded (0: auto = 2 on CPU with 2+ threads, else 1)")
+    step_spinning: int = _knob(0, "1: each instance's decoder-step workers spin between steps rather than sleep (faster "
+                                  "for one instance with 2+ threads; 0 when instances share the cores)")
     max_batch_tokens: int = _knob(16384, "most padded source tokens (times beam size) decoded together")
     max_batch_sentences: int = _knob(64, "most sentences decoded together (1 turns batching off)")
-    max_wait_ms: float = _knob(5.0, "how long an idle model waits for more sentences before it starts a batch")
+    max_wait_ms: float = _knob(1.0, "how long an idle model waits for more sentences before it starts a batch")
     max_queue: int = _knob(4096, "most sentences waiting for a batch; beyond it requests get RESOURCE_EXHAUSTED")
     max_sentences_per_request: int = _knob(256, "most sentences in one Translate request")
     max_tokens_per_sentence: int = _knob(256, "most source subword tokens in one sentence")
@@ -100,6 +102,8 @@ class ServerConfig:
                 problems.append(f"{name} must be in [{low:g}, {high:g}] {unit}, got {value!r}")
         if self.rate_limit_per_minute < 0:
             problems.append("rate_limit_per_minute must be >= 0")
+        if self.step_spinning not in (0, 1):
+            problems.append("step_spinning must be 0 or 1")
         if self.instances < 0 or self.threads < 0:
             problems.append("instances and threads must be >= 0")
         if bool(self.tls_cert) != bool(self.tls_key):

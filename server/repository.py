@@ -72,6 +72,7 @@ class EngineConfig:
     precision: str = "auto"
     threads: int = 0  # onnxruntime threads for the model, split among its instances (0: all cores)
     instances: int = 0  # 0: 2 on CPU with 2+ threads, else 1
+    step_spinning: bool = False  # decoder-step workers spin between steps (runtime.OnnxRuntime's spin_step)
 
     def layout(self, on_cuda: bool) -> tuple[int, int]:
         """(instances, threads per instance)."""
@@ -190,7 +191,8 @@ class ModelRepository:
             precision = choose_precision(bundle, config.precision, on_cuda)
             observer = self.metrics.run_observer(version.name) if self.metrics is not None else None
             for _ in range(instances):
-                engines.append(Engine(bundle, precision, config.device, threads, run_observer=observer))
+                engines.append(Engine(bundle, precision, config.device, threads, run_observer=observer,
+                                      spin_step=config.step_spinning))
             for engine in engines:
                 engine.warm_up()
                 hypotheses = engine.translate([WARM_UP_SENTENCE], TranslationOptions(beam_size=2))[0]

@@ -651,7 +651,8 @@ class TranslationServer:
         self.health = health.HealthServicer(experimental_non_blocking=True,
                                             experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=4))
         self.repository = ModelRepository(
-            config.model_repository, EngineConfig(config.device, config.precision, config.threads, config.instances),
+            config.model_repository, EngineConfig(config.device, config.precision, config.threads, config.instances,
+                                                  bool(config.step_spinning)),
             BatchingConfig(config.max_batch_tokens, config.max_batch_sentences, config.max_wait_ms, config.max_queue),
             self.metrics, on_change=self.update_health)
         self.service = TranslationService(config, self.repository, self.metrics)
