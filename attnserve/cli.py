@@ -124,6 +124,18 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _average(args: argparse.Namespace) -> int:
+    from attnserve.model.checkpoint import CheckpointError, average_checkpoints
+
+    try:
+        out = average_checkpoints(args.sources, args.out, args.checkpoint)
+    except CheckpointError as exc:
+        log.error("%s", exc)
+        return 2
+    log.info("averaged %d checkpoints into %s", len(args.sources), out)
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     from attnserve.model.checkpoint import CheckpointError, read_config
     from attnserve.model.decode import DecodeOptions
@@ -445,6 +457,17 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=_train)
 
 
+def add_average_parser(subparsers: argparse._SubParsersAction) -> None:
+    """`average`: checkpoints of one lineage averaged into a new run directory."""
+    parser = subparsers.add_parser("average", help="average the weights of checkpoints of one model (run directories "
+                                   "or weights files) into a new run directory")
+    parser.add_argument("sources", nargs="+", help="run directories or model.safetensors files; the first run "
+                        "directory gives the config and tokenizer")
+    parser.add_argument("--out", required=True, help="the new run directory (its best checkpoint is the mean)")
+    parser.add_argument("--checkpoint", default="best", choices=["best", "last"], help="which checkpoint of each run")
+    parser.set_defaults(func=_average)
+
+
 def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
     """`eval`: BLEU/chrF of runs, by length, with a plot."""
     parser = subparsers.add_parser("eval", help="BLEU/chrF on the test split, BLEU by source length, plot "
@@ -551,6 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_data_parser(subparsers)
     add_train_parser(subparsers)
+    add_average_parser(subparsers)
     add_eval_parser(subparsers)
     add_export_parser(subparsers)
     add_translate_parser(subparsers)

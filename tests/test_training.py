@@ -173,3 +173,26 @@ def test_config_files_are_typed(tmp_path: Path) -> None:
         Config.load(bad)
     for shipped in Path(__file__).parent.parent.glob("configs/*.toml"):
         Config.load(shipped)
+
+
+def test_checkpoint_averaging_is_the_mean_and_refuses_other_models(trained, tmp_path: Path) -> None:
+    """`attnserve average`: the element-wise mean of one model's checkpoints (here its best and
+    last), loadable as a run; checkpoints of another architecture are refused, nothing written."""
+    from attnserve.model.checkpoint import average_checkpoints, weights_path
+
+    run = trained["transformer"]
+    best = safetensors.torch.load_file(str(weights_path(run, "best")))
+    last = safetensors.torch.load_file(str(weights_path(run, "last")))
+    out = tmp_path / "averaged"
+    assert main(["average", str(run), str(weights_path(run, "last")), "--out", str(out)]) == 0
+    mean = safetensors.torch.load_file(str(weights_path(out)))
+    assert mean.keys() == best.keys()
+    for name, tensor in mean.items():
+        torch.testing.assert_close(tensor.float(), (best[name].float() + last[name].float()) / 2)
+    model, _, config = load_model(out)
+    assert config.model == load_model(run)[2].model
+    with pytest.raises(CheckpointError, match="model config differs"):
+        average_checkpoints([run, trained["bahdanau"]], tmp_path / "mixed")
+    with pytest.raises(CheckpointError, match="at least two"):
+        average_checkpoints([run], tmp_path / "one")
+    assert not (tmp_path / "mixed").exists() and not (tmp_path / "one").exists()
