@@ -95,6 +95,14 @@ def load_model(run_dir: Path | str, which: str = "best", device: str = "cpu") ->
     return model.to(device).eval(), Tokenizer(run_dir / "spm.model"), config
 
 
+def _inference_fields(model: Any) -> tuple:
+    """What must agree for two checkpoints to be one model: the architecture's label (kind,
+    depth, width, cell, attention), the fields that shape no tensor (heads, positions) and the
+    vocabulary; every other size is checked on the tensors' shapes. Training-only fields
+    (dropout) and other architectures' fields (an old config's image-reader defaults) may differ."""
+    return model.label, model.n_heads, model.max_len, model.vocab_size, model.window
+
+
 def average_checkpoints(sources: list[Path | str], out_dir: Path | str, which: str = "best") -> Path:
     """A run directory whose best weights are the element-wise mean of `sources`' `which`
     weights (run directories or weights files of one lineage: the same architecture and
@@ -108,7 +116,7 @@ def average_checkpoints(sources: list[Path | str], out_dir: Path | str, which: s
         raise CheckpointError("at least one source must be a run directory (for its config and tokenizer)")
     config, tokenizer = read_config(runs[0]), (runs[0] / "spm.model").read_bytes()
     for run in runs[1:]:
-        if read_config(run).model != config.model:
+        if _inference_fields(read_config(run).model) != _inference_fields(config.model):
             raise CheckpointError(f"{run}: its model config differs from {runs[0]}'s; only one architecture averages")
         if (run / "spm.model").read_bytes() != tokenizer:
             raise CheckpointError(f"{run}: its tokenizer differs from {runs[0]}'s")
