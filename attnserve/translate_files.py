@@ -97,7 +97,9 @@ def _offline(args: argparse.Namespace, glossary):
 
     if not args.model:
         raise ValueError("offline translation needs --model BUNDLE (or use --server HOST:PORT)")
-    engine = Engine(load_bundle(args.model), args.precision, args.device, args.threads)
+    # The only engine in the process: its step session's workers may spin between steps
+    # (runtime.OnnxRuntime's spin_step), 1.2x at batch 32 on 2 threads (docs/performance.md).
+    engine = Engine(load_bundle(args.model), args.precision, args.device, args.threads, spin_step=args.threads != 1)
     options = TranslationOptions(beam_size=args.beam, length_penalty=args.length_penalty)
     options.validate()
     pipeline = TextPipeline.for_engine(engine, PipelineConfig(glossary_mode=args.glossary_mode))
