@@ -44,8 +44,7 @@ def session_options(threads: int = 0, spin: bool = True) -> ort.SessionOptions:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     options.log_severity_level = 3  # onnxruntime's per-node warnings are noise for users
-    if not spin:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     return options
 
 

@@ -33,6 +33,7 @@ def test_precedence_flags_env_file_defaults(tmp_path) -> None:
     (["--tls-cert", "c.pem"], {}, None, "tls_cert and tls_key go together"),
     ([], {"ATTNSERVE_DEVICE": "tpu"}, None, "device must be one of"),
     ([], {}, "prot = 1\n", "unknown settings ['prot']"),
+    (["--step-spinning", "2"], {}, None, "step_spinning must be 0 or 1"),
 ])
 def test_bad_settings_are_refused(tmp_path, argv, env, file, message) -> None:
     if file is not None:

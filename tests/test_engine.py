@@ -216,3 +216,18 @@ def test_rows_joining_a_state_with_no_previous_rows_start_fresh(bundles) -> None
         np.testing.assert_array_equal(got[1], want[1])
         np.testing.assert_array_equal(got[0], want[0])
         tokens = want[1][:, 0].copy()
+
+
+@pytest.mark.parametrize("spin_step", [False, True])
+def test_only_the_step_session_may_spin(bundles, spin_step: bool) -> None:
+    """spin_step lets the decoder-step session's workers spin between its runs; the encoder's
+    never do (two spinning pools would fight over the cores), and the tokens do not change."""
+    engine = Engine(load_bundle(bundles["transformer"]), "fp32", device="cpu", threads=2, spin_step=spin_step)
+    spinning = {name: session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+                for name, session in (("encoder", engine.runtime.encoder_session), ("step", engine.runtime.step_session))}
+    assert spinning == {"encoder": "0", "step": "1" if spin_step else "0"}
+    sleeping = Engine(load_bundle(bundles["transformer"]), "fp32", device="cpu", threads=2)
+    ids = engine.encode_texts(["the red cat sees the dog", "the old house"])
+    opts = TranslationOptions(beam_size=3)
+    assert ([h[0].tokens for h in engine.translate_ids(ids, opts)]
+            == [h[0].tokens for h in sleeping.translate_ids(ids, opts)])
