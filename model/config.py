@@ -86,6 +86,9 @@ class TrainConfig:
     batch_images: int = 64  # image reader (model.arch = "reader"): images per batch; translation ignores it
     lr: float = 1e-3
     warmup_steps: int = 1000
+    # After warm-up: "inverse_sqrt" (Vaswani et al. 2017), or "linear" to zero at max_steps (a
+    # cool-down, e.g. for the last stretch of a run continued from a checkpoint: init_from).
+    lr_schedule: Literal["inverse_sqrt", "linear"] = "inverse_sqrt"
     weight_decay: float = 0.01
     label_smoothing: float = 0.1
     clip_norm: float = 1.0
@@ -114,6 +117,10 @@ class TrainConfig:
             raise ValueError(f"unknown precision {self.precision!r}; choose from auto, fp32, bf16")
         if self.log_every < 1 or self.eval_every < 1:
             raise ValueError("log_every and eval_every must be at least 1")
+        if self.lr_schedule not in ("inverse_sqrt", "linear"):
+            raise ValueError(f"unknown lr_schedule {self.lr_schedule!r}; choose from inverse_sqrt, linear")
+        if self.lr_schedule == "linear" and self.max_steps <= self.warmup_steps:
+            raise ValueError("lr_schedule 'linear' decays to zero at max_steps: set max_steps above warmup_steps")
 
 
 @dataclasses.dataclass

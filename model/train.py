@@ -39,7 +39,7 @@ from tqdm import tqdm
 from attnserve.model.batching import Example, collate, encode_pairs, token_batches
 from attnserve.model.checkpoint import (load_trainer_state, load_weights, read_config, save_checkpoint,
                                         weights_path, write_config)
-from attnserve.model.config import Config
+from attnserve.model.config import Config, TrainConfig
 from attnserve.model.corpus import load_tsv
 from attnserve.model.decode import DecodeOptions
 from attnserve.model.evaluate import translate_best
@@ -69,6 +69,21 @@ def inverse_sqrt_schedule(warmup: int):
         step = max(step, 1)
         return min(step / warmup, math.sqrt(warmup / step))
     return factor
+
+
+def linear_schedule(warmup: int, total: int):
+    """Linear warm-up to the peak rate, then linear decay to zero at step `total`."""
+    def factor(step: int) -> float:
+        step = max(step, 1)
+        return step / warmup if step < warmup else max(0.0, (total - step) / (total - warmup))
+    return factor
+
+
+def lr_schedule(tc: TrainConfig):
+    """The multiplier of the peak learning rate at each step (train.lr_schedule)."""
+    if tc.lr_schedule == "linear":
+        return linear_schedule(tc.warmup_steps, tc.max_steps)
+    return inverse_sqrt_schedule(tc.warmup_steps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,7 +209,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=tc.lr, betas=(0.9, 0.98), eps=1e-9, weight_decay=tc.weight_decay, fused=True,
         )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, inverse_sqrt_schedule(tc.warmup_steps))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(tc))
         self.step = self.epoch = self.batch_in_epoch = self.bad_evals = 0
         self.best_bleu = -1.0
         self.train_seconds = 0.0

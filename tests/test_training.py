@@ -196,3 +196,15 @@ def test_checkpoint_averaging_is_the_mean_and_refuses_other_models(trained, tmp_
     with pytest.raises(CheckpointError, match="at least two"):
         average_checkpoints([run], tmp_path / "one")
     assert not (tmp_path / "mixed").exists() and not (tmp_path / "one").exists()
+
+
+def test_the_linear_schedule_cools_down_to_zero_at_max_steps() -> None:
+    from attnserve.model.train import lr_schedule
+
+    factor = lr_schedule(TrainConfig(lr_schedule="linear", warmup_steps=10, max_steps=110))
+    assert [factor(s) for s in (5, 10, 60, 110, 200)] == [0.5, 1.0, 0.5, 0.0, 0.0]
+    assert lr_schedule(TrainConfig(warmup_steps=100))(400) == pytest.approx(0.5)  # inverse sqrt, the default
+    with pytest.raises(ValueError, match="max_steps"):
+        TrainConfig(lr_schedule="linear", warmup_steps=10)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        TrainConfig(lr_schedule="cosine")
