@@ -9,7 +9,8 @@ The dynamic state (key/value cache, RNN hidden state) stays in the OrtValues onn
 returned, on the provider's device. The step graph gathers it by `parent_rows`: row i continues
 row parent_rows[i] of the previous step's state followed by `zero_rows` all-zero rows. That is
 how beams are reordered, finished rows dropped and (Transformer) new sentences added with empty
-caches, with no host copy. An RNN's initial state comes from the encoder, so its joining rows
+caches, with no host copy. (A fresh row's cached keys and values are a copy of a previous row
+that its all-zero cache mask hides, so the graph never copies the cache to append zeros.) An RNN's initial state comes from the encoder, so its joining rows
 are merged on the host (the RNN state is one vector a row).
 
 Padding: source axes are padded on the right (the source mask covers it), cached-step axes on
