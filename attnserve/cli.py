@@ -128,7 +128,7 @@ def _average(args: argparse.Namespace) -> int:
     from attnserve.model.checkpoint import CheckpointError, average_checkpoints
 
     try:
-        out = average_checkpoints(args.sources, args.out, args.checkpoint)
+        out = average_checkpoints(args.sources, args.out, args.checkpoint, args.dtype)
     except CheckpointError as exc:
         log.error("%s", exc)
         return 2
@@ -465,6 +465,8 @@ def add_average_parser(subparsers: argparse._SubParsersAction) -> None:
                         "directory gives the config and tokenizer")
     parser.add_argument("--out", required=True, help="the new run directory (its best checkpoint is the mean)")
     parser.add_argument("--checkpoint", default="best", choices=["best", "last"], help="which checkpoint of each run")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+                        help="storage precision of the averaged weights (bf16: half the bytes, for a checkpoint kept in git)")
     parser.set_defaults(func=_average)
 
 

@@ -103,12 +103,19 @@ def _inference_fields(model: Any) -> tuple:
     return model.label, model.n_heads, model.max_len, model.vocab_size, model.window
 
 
-def average_checkpoints(sources: list[Path | str], out_dir: Path | str, which: str = "best") -> Path:
+STORAGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def average_checkpoints(sources: list[Path | str], out_dir: Path | str, which: str = "best",
+                        dtype: str = "fp32") -> Path:
     """A run directory whose best weights are the element-wise mean of `sources`' `which`
     weights (run directories or weights files of one lineage: the same architecture and
     tokenizer), as in Vaswani et al. (2017), who average the last checkpoints of a run. The
-    mean is taken in fp32 and stored in the first source's dtypes. The first source that is a
-    run directory gives the config and the tokenizer; the others must match them."""
+    mean is taken in fp32 and stored as `dtype` (bf16 or fp16 halve a checkpoint kept in the
+    repository; loading casts back to the model's fp32). The first source that is a run
+    directory gives the config and the tokenizer; the others must match them."""
+    if dtype not in STORAGE_DTYPES:
+        raise CheckpointError(f"unknown storage dtype {dtype!r}; choose from {', '.join(STORAGE_DTYPES)}")
     if len(sources) < 2:
         raise CheckpointError("averaging needs at least two checkpoints")
     runs = [Path(s) for s in sources if Path(s).is_dir()]
@@ -121,25 +128,25 @@ def average_checkpoints(sources: list[Path | str], out_dir: Path | str, which: s
         if (run / "spm.model").read_bytes() != tokenizer:
             raise CheckpointError(f"{run}: its tokenizer differs from {runs[0]}'s")
     total: dict[str, torch.Tensor] = {}
-    dtypes: dict[str, torch.dtype] = {}
     for source in sources:
         tensors = safetensors.torch.load_file(str(weights_path(source, which)))
         if total and tensors.keys() != total.keys():
             raise CheckpointError(f"{source}: its tensors differ from the first checkpoint's")
         for name, tensor in tensors.items():
             if name not in total:
-                total[name], dtypes[name] = tensor.float().clone(), tensor.dtype
+                total[name] = tensor.float().clone()
             elif tensor.shape != total[name].shape:
                 raise CheckpointError(f"{source}: {name} has shape {tuple(tensor.shape)}, not {tuple(total[name].shape)}")
             else:
                 total[name] += tensor.float()
     model = build_model(config.model)
-    mean = {name: (value / len(sources)).to(dtypes[name]) for name, value in total.items()}
+    mean = {name: value / len(sources) for name, value in total.items()}
     missing, unexpected = model.load_state_dict(mean, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"the averaged weights do not match the config: missing {missing}, unexpected {unexpected}")
     out_dir = Path(out_dir)
     write_config(out_dir, config)
     (out_dir / "spm.model").write_bytes(tokenizer)
-    save_checkpoint(out_dir / "checkpoints" / "best", model, {"averaged_from": [str(s) for s in sources], "which": which})
+    save_checkpoint(out_dir / "checkpoints" / "best", model.to(STORAGE_DTYPES[dtype]),
+                    {"averaged_from": [str(s) for s in sources], "which": which, "dtype": dtype})
     return out_dir

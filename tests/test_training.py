@@ -191,6 +191,12 @@ def test_checkpoint_averaging_is_the_mean_and_refuses_other_models(trained, tmp_
         torch.testing.assert_close(tensor.float(), (best[name].float() + last[name].float()) / 2)
     model, _, config = load_model(out)
     assert config.model == load_model(run)[2].model
+    assert main(["average", str(run), str(weights_path(run, "last")), "--out", str(tmp_path / "bf16"), "--dtype", "bf16"]) == 0
+    halved = safetensors.torch.load_file(str(weights_path(tmp_path / "bf16")))
+    assert {t.dtype for t in halved.values()} == {torch.bfloat16}
+    for name, tensor in halved.items():
+        torch.testing.assert_close(tensor.float(), mean[name].float(), rtol=1e-2, atol=1e-2)
+    load_model(tmp_path / "bf16")  # loads back into the fp32 model
     with pytest.raises(CheckpointError, match="model config differs"):
         average_checkpoints([run, trained["bahdanau"]], tmp_path / "mixed")
     with pytest.raises(CheckpointError, match="at least two"):
