@@ -50,7 +50,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from attnserve.v1 import translator_pb2 as pb
 from attnserve.server.config import ServerConfig
 from attnserve.server.detect import DetectedLanguage, LanguageDetector
-from attnserve.server.service import RequestError, TranslationService, _Call, bearer_credential
+from attnserve.server.errors import RequestError
+from attnserve.server.service import TranslationService, _Call, bearer_credential
 
 log = logging.getLogger(__name__)
 

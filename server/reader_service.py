@@ -24,6 +24,7 @@ import grpc
 import numpy as np
 
 from attnserve.server.deadlines import deadline_in
+from attnserve.server.errors import RequestError
 from attnserve.server.reader import ImageError, OrtReader, ReaderBundleError, is_reader_bundle
 from attnserve.server.repository import fingerprint
 from attnserve.v1 import reader_pb2 as pb
@@ -144,9 +145,9 @@ class ReaderServicer(pb_grpc.ReaderServicer):
         code = grpc.StatusCode.OK
         try:
             return self._read(request, name, context)
-        except _Refusal as refusal:
+        except RequestError as refusal:
             code = refusal.code
-            context.abort(refusal.code, refusal.message)
+            context.abort(refusal.code, str(refusal))
         except Exception:
             code = grpc.StatusCode.INTERNAL
             log.exception("Read failed")
@@ -157,21 +158,21 @@ class ReaderServicer(pb_grpc.ReaderServicer):
     def _read(self, request: pb.ReadRequest, name: str, context: grpc.ServicerContext) -> pb.ReadResponse:
         deadline = deadline_in(context.time_remaining())
         if not request.images:
-            raise _Refusal(grpc.StatusCode.INVALID_ARGUMENT, "no images: send at least one encoded image")
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "no images: send at least one encoded image")
         if len(request.images) > MAX_IMAGES_PER_REQUEST:
-            raise _Refusal(grpc.StatusCode.INVALID_ARGUMENT,
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                            f"{len(request.images)} images; at most {MAX_IMAGES_PER_REQUEST} per request")
         try:
             version = self.repository.get(name, request.version)
         except LookupError as exc:
-            raise _Refusal(grpc.StatusCode.NOT_FOUND, f"{exc}; readers: {self.repository.names() or 'none'}") from None
+            raise RequestError(grpc.StatusCode.NOT_FOUND, f"{exc}; readers: {self.repository.names() or 'none'}") from None
         reader = version.reader
         try:
             readings = reader.read_images(list(request.images))
         except ImageError as exc:
-            raise _Refusal(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         if deadline is not None and time.monotonic() > deadline:
-            raise _Refusal(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded while reading")
+            raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded while reading")
         grid = reader.manifest.grid
         response = pb.ReadResponse(model=version.name, version=version.version, grid=pb.Grid(
             rows=grid.rows, cols=grid.cols, input_height=reader.input.height,
@@ -181,9 +182,3 @@ class ReaderServicer(pb_grpc.ReaderServicer):
             response.readings.append(pb.Reading(text=reading.text, score=reading.score, symbols=[
                 pb.SymbolAttention(symbol=s, weights=weights.tolist()) for s, weights in zip(symbols, reading.attention)]))
         return response
-
-
-class _Refusal(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code, self.message = code, message

@@ -34,6 +34,7 @@ from attnserve.server.auth import ClientKeys
 from attnserve.server.config import ServerConfig
 from attnserve.server.deadlines import deadline_in, timeout_until
 from attnserve.server.engine import Hypothesis, TranslationOptions
+from attnserve.server.errors import RequestError
 from attnserve.server.metrics import Metrics
 from attnserve.server.reader_service import DEFAULT_READER, READER_SERVICE_NAME, ReaderRepository, ReaderServicer
 from attnserve.server.repository import EngineConfig, ModelNotFound, ModelRepository, ModelVersion
@@ -59,19 +60,6 @@ SCHEDULER_CODES = {
     SchedulerError.CANCELLED: grpc.StatusCode.CANCELLED,
     SchedulerError.FAILED: grpc.StatusCode.INTERNAL,
 }
-
-
-class RequestError(Exception):
-    """A request (or stream item) refused with this status code. The codes are gRPC's (the
-    google.rpc.Code set), whatever the transport: the HTTP gateway maps them to HTTP statuses.
-    `reason` refines a code where a transport answers differently (an HTTP client with a missing
-    key gets 400 from the LibreTranslate API, one with a wrong key 403)."""
-
-    def __init__(self, code: grpc.StatusCode, message: str, reason: str = "", retry_after: float = 0.0):
-        super().__init__(message)
-        self.code = code
-        self.reason = reason
-        self.retry_after = retry_after
 
 
 class CallContext(Protocol):
