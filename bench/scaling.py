@@ -156,16 +156,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sentences", type=int, default=256)
     parser.add_argument("--precisions", nargs="+", default=["fp32", "int8"])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--spin", action="store_true", help="the step session's workers spin (Engine spin_step)")
     parser.add_argument("--out", type=Path, default=Path("build/scaling"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     bundle = load_bundle(args.bundle)
     report: dict[str, Any] = {"bundle": str(args.bundle), "split": str(args.split), "sentences": args.sentences,
-                              "beam": BEAM, "threads": args.threads, "cpu": cpu_info()["model"], "precisions": {}}
+                              "beam": BEAM, "threads": args.threads, "spin_step": args.spin, "cpu": cpu_info()["model"], "precisions": {}}
     texts = [source for source, _ in load_tsv(args.split)]
     for precision in args.precisions:
         timer = StepTimer()
-        engine = Engine(bundle, precision, "cpu", args.threads, run_observer=timer)
+        engine = Engine(bundle, precision, "cpu", args.threads, run_observer=timer, spin_step=args.spin)
         pool = engine.encode_texts(texts)
         report["precisions"][precision] = {"batch": batch_curve(engine, timer, pool[: args.sentences]),
                                            "source": source_curve(engine, timer, pool)}
