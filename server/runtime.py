@@ -105,7 +105,8 @@ class OnnxRuntime:
         # spinning, and 1.8x the serving throughput without). `spin_step` lets the step
         # session's workers alone spin between its many short runs: with 2 threads at batch 1
         # a worker that sleeps after every node costs more than the second core gives back
-        # (Intel AMX VM, beam 4, fp32: 42 sentences/s without, 58 with; 48 on one thread).
+        # (`attnserve bench`, Intel AMX VM, beam 4, batch 1, fp32: 48.1 sentences/s without,
+        # 63.3 with, 52.0 on one thread; docs/performance.md).
         files = bundle.graph_files(precision)
         try:
             self.encoder_session = ort.InferenceSession(files.encoder, session_options(threads, spin=False),
