@@ -9,8 +9,16 @@
 Every configuration runs in its own subprocess (so peak memory is its own, and CTranslate2
 reads its CT2_USE_MKL afresh) on the same sentences, sorted by length and cut into batches of B
 sentences, after a warm-up. Each engine is measured in every setting asked for (--threads,
-and --ct2-mkl for CTranslate2), and the orchestrator prints a Markdown table of each engine at
-its best setting, with that setting and the ratios between bests, all within this one run.
+--instances, and --ct2-mkl for CTranslate2), and the orchestrator prints a Markdown table of
+each engine at its best setting, with that setting and the ratios between bests, all within
+this one run.
+
+Instances: N decoders of T threads each take the batches from one queue, N at a time, on N
+Python threads: the parallel-batch layout of a throughput job. For CTranslate2 that is its own
+mechanism, one Translator with inter_threads=N and intra_threads=T called from N threads; for
+this engine, N Engines (as the server's --instances); for torch, N copies of the model with
+torch's T intra-op threads. Only layouts with N x T within the largest --threads are measured,
+so every layout uses the same cores.
 """
 
 from __future__ import annotations
@@ -22,8 +30,10 @@ import os
 import resource
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -39,7 +49,7 @@ def _batches(sources: list[list[int]], size: int) -> list[list[int]]:
 
 
 def make_decoder(engine: str, run_dir: Path, bundle_dir: Path, workdir: Path, threads: int, beam: int,
-                 spin_step: bool = False):
+                 spin_step: bool = False, inter_threads: int = 1):
     """A function: list of source id lists (ending in EOS) -> list of target id lists."""
     if engine == "torch":
         import torch
@@ -73,7 +83,8 @@ def make_decoder(engine: str, run_dir: Path, bundle_dir: Path, workdir: Path, th
             model_dir = workdir / "ct2-model-int8"
             if not (model_dir / "model.bin").exists():
                 ct2.convert(run_dir, model_dir, quantization="int8")
-        translator = ct2.load_translator(model_dir, compute_type=compute_type, intra_threads=threads)
+        translator = ct2.load_translator(model_dir, compute_type=compute_type, intra_threads=threads,
+                                         inter_threads=inter_threads)
         vocab = ct2.read_vocabulary(model_dir)
         max_len = read_config(run_dir).model.max_len
         # Timed in CTranslate2's own fastest mode (one call per batch, no per-step callback);
@@ -85,8 +96,9 @@ def make_decoder(engine: str, run_dir: Path, bundle_dir: Path, workdir: Path, th
 
 
 def measure(engine: str, run_dir: Path, bundle_dir: Path, split: Path, sentences: int, beam: int, batch: int,
-            threads: int, workdir: Path, spin_step: bool = False) -> dict[str, Any]:
-    """Decode the sentences with one engine configuration and time it (in this process)."""
+            threads: int, workdir: Path, spin_step: bool = False, instances: int = 1) -> dict[str, Any]:
+    """Decode the sentences with one engine configuration and time it (in this process):
+    `instances` decoders of `threads` threads each take the batches from one queue."""
     import sacrebleu
     import sentencepiece as spm
 
@@ -95,22 +107,45 @@ def measure(engine: str, run_dir: Path, bundle_dir: Path, split: Path, sentences
     rows = load_tsv(split)[:sentences]
     sp = spm.SentencePieceProcessor(model_file=str(run_dir / "spm.model"))
     sources = [ids[:255] + [3] for ids in sp.encode([s for s, _ in rows])]
-    decoder = make_decoder(engine, run_dir, bundle_dir, workdir, threads, beam, spin_step)
-    decoder(sources[:8])  # warm-up: allocations, lazy initialisation
+    if engine.startswith("ct2-"):  # CTranslate2's own parallel batches: one Translator, inter_threads workers
+        decoders = [make_decoder(engine, run_dir, bundle_dir, workdir, threads, beam, inter_threads=instances)] * instances
+    else:
+        decoders = [make_decoder(engine, run_dir, bundle_dir, workdir, threads, beam, spin_step) for _ in range(instances)]
+    for decoder in set(decoders):
+        decoder(sources[:8])  # warm-up: allocations, lazy initialisation
     outputs: list[list[int]] = [[] for _ in sources]
     latencies: list[float] = []  # seconds per batch: at batch 1, a request's latency
+    groups = _batches(sources, batch)
+    taken = iter(range(len(groups)))
+    lock = threading.Lock()
+
+    def work(decoder) -> None:
+        while True:
+            with lock:
+                index = next(taken, None)
+            if index is None:
+                return
+            group = groups[index]
+            batch_start = time.perf_counter()
+            for i, tokens in zip(group, decoder([sources[i] for i in group])):
+                outputs[i] = tokens
+            latencies.append(time.perf_counter() - batch_start)
+
     start = time.perf_counter()
-    for group in _batches(sources, batch):
-        batch_start = time.perf_counter()
-        for i, tokens in zip(group, decoder([sources[i] for i in group])):
-            outputs[i] = tokens
-        latencies.append(time.perf_counter() - batch_start)
+    if instances == 1:
+        work(decoders[0])
+    else:
+        workers = [threading.Thread(target=work, args=(decoder,)) for decoder in decoders]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
     seconds = time.perf_counter() - start
     hypotheses = sp.decode(outputs)
     target_tokens = sum(len(t) + 1 for t in outputs)  # with EOS, as every engine generates it
     return {
         "engine": engine, "beam": beam, "batch": batch, "sentences": len(rows), "threads": threads,
-        "spin_step": spin_step,
+        "spin_step": spin_step, "instances": instances,
         "seconds": round(seconds, 3), "target_tokens": target_tokens,
         "tokens_per_s": round(target_tokens / seconds, 1), "sentences_per_s": round(len(rows) / seconds, 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -120,15 +155,19 @@ def measure(engine: str, run_dir: Path, bundle_dir: Path, split: Path, sentences
     }
 
 
-def settings(engine: str, threads: list[int], ct2_mkl: list[str]) -> list[dict[str, Any]]:
+def settings(engine: str, threads: list[int], ct2_mkl: list[str], instances: Sequence[int] = (1,)) -> list[dict[str, Any]]:
     """The settings an engine is measured in: every thread count; for CTranslate2 every
     CT2_USE_MKL value asked for ("" leaves the environment's, CTranslate2's default); for this
     engine with more than one thread, its step session's workers sleeping or spinning between
-    runs (runtime.OnnxRuntime's spin_step)."""
+    runs (runtime.OnnxRuntime's spin_step). With more than one instance, the thread count is
+    each instance's, and only layouts within the largest thread count (the cores) are kept."""
+    cores = max(threads)
+    layouts = [(n, t) for n in sorted(set(instances)) for t in threads if n * t <= cores]
     if engine.startswith("ct2"):
-        return [{"threads": t, "ct2_use_mkl": mkl, "spin_step": False} for t in threads for mkl in ct2_mkl]
+        return [{"threads": t, "instances": n, "ct2_use_mkl": mkl, "spin_step": False}
+                for n, t in layouts for mkl in ct2_mkl]
     spins = [False, True] if engine.startswith("onnx") else [False]
-    return [{"threads": t, "ct2_use_mkl": "", "spin_step": spin} for t in threads for spin in spins
+    return [{"threads": t, "instances": n, "ct2_use_mkl": "", "spin_step": spin} for n, t in layouts for spin in spins
             if t > 1 or not spin]
 
 
@@ -137,11 +176,12 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
     for beam in args.beams:
         for batch in args.batches:
             for engine in args.engines:
-                for setting in settings(engine, args.threads, args.ct2_mkl):
+                for setting in settings(engine, args.threads, args.ct2_mkl, args.instances):
                     command = [sys.executable, "-m", "attnserve.bench.benchmark", "--one", engine, "--run",
                                str(args.run), "--bundle", str(args.bundle), "--split", str(args.split), "--sentences",
                                str(args.sentences), "--beams", str(beam), "--batches", str(batch), "--threads",
-                               str(setting["threads"]), "--workdir", str(args.workdir)]
+                               str(setting["threads"]), "--instances", str(setting["instances"]),
+                               "--workdir", str(args.workdir)]
                     if setting["spin_step"]:
                         command.append("--spin-step")
                     env = dict(os.environ)
@@ -160,6 +200,10 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def setting_of(result: dict[str, Any]) -> str:
     text = f"{result['threads']} thread{'s' if result['threads'] != 1 else ''}"
+    if result.get("instances", 1) > 1:  # runs written before instances were searched have none
+        text = f"{result['instances']} instances x {text}"
+        if result["engine"].startswith("ct2"):
+            text += " (inter_threads)"
     if result["engine"].startswith("ct2"):
         text += f", CT2_USE_MKL={result.get('ct2_use_mkl') or 'default'}"
     if result.get("spin_step"):
@@ -210,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 32])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2],
                         help="thread counts to measure each engine with; the table keeps each engine's best")
+    parser.add_argument("--instances", type=int, nargs="+", default=[1, 2],
+                        help="decoders working on batches in parallel (CTranslate2: inter_threads); with N > 1, "
+                        "--threads is each one's, and N x threads stays within the largest --threads")
     parser.add_argument("--ct2-mkl", nargs="+", default=["0", "1"], choices=["0", "1", ""],
                         help="CT2_USE_MKL values to measure CTranslate2 with ('' leaves the environment's)")
     parser.add_argument("--workdir", type=Path, default=Path("build/bench"))
@@ -225,13 +272,15 @@ def main(argv: list[str] | None = None) -> int:
     args.workdir.mkdir(parents=True, exist_ok=True)
     if args.one:
         print(json.dumps(measure(args.one, args.run, args.bundle, args.split, args.sentences, args.beams[0],
-                                 args.batches[0], args.threads[0], args.workdir, args.spin_step)))
+                                 args.batches[0], args.threads[0], args.workdir, args.spin_step,
+                                 args.instances[0])))
         return 0
     results = run_all(args)
     from attnserve.model.hardware import cpu_info  # torch: only the orchestrator's report needs it
 
     cpu = cpu_info()["model"]
-    header = (f"{len(results)} runs on {cpu}, threads {args.threads}, CT2_USE_MKL {args.ct2_mkl}, "
+    header = (f"{len(results)} runs on {cpu}, threads {args.threads}, instances {args.instances}, "
+              f"CT2_USE_MKL {args.ct2_mkl}, "
               f"{args.sentences} sentences of {args.split}; each engine at its best setting")
     print(header + "\n\n" + table(results))
     if args.json:

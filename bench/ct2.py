@@ -194,13 +194,16 @@ def read_vocabulary(model_dir: Path) -> list[str]:
 
 
 def load_translator(
-    model_dir: Path, device: str = "cpu", compute_type: str = "float32", intra_threads: int = 0
+    model_dir: Path, device: str = "cpu", compute_type: str = "float32", intra_threads: int = 0,
+    inter_threads: int = 1,
 ) -> ctranslate2.Translator:
-    """A Translator with one worker (inter_threads=1) of intra_threads threads (0: CT2 picks).
+    """A Translator with inter_threads workers (batches decoded in parallel, when that many
+    calls are in flight) of intra_threads threads each (0: CT2 picks).
 
     compute_type "float32" runs int8-quantized weights in float32: load those with "int8"."""
     return ctranslate2.Translator(
-        str(model_dir), device=device, compute_type=compute_type, inter_threads=1, intra_threads=intra_threads
+        str(model_dir), device=device, compute_type=compute_type, inter_threads=inter_threads,
+        intra_threads=intra_threads,
     )
 
 

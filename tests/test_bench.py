@@ -17,18 +17,49 @@ def result(engine: str, threads: int, sent_s: float, mkl: str = "", beam: int = 
 
 def test_ctranslate2_is_searched_over_backends_and_the_others_over_threads() -> None:
     assert settings("ct2-int8", [1, 2], ["0", "1"]) == [
-        {"threads": 1, "ct2_use_mkl": "0", "spin_step": False}, {"threads": 1, "ct2_use_mkl": "1", "spin_step": False},
-        {"threads": 2, "ct2_use_mkl": "0", "spin_step": False}, {"threads": 2, "ct2_use_mkl": "1", "spin_step": False}]
+        {"threads": 1, "instances": 1, "ct2_use_mkl": "0", "spin_step": False},
+        {"threads": 1, "instances": 1, "ct2_use_mkl": "1", "spin_step": False},
+        {"threads": 2, "instances": 1, "ct2_use_mkl": "0", "spin_step": False},
+        {"threads": 2, "instances": 1, "ct2_use_mkl": "1", "spin_step": False}]
     # this engine: with 2 threads, also with its step session's workers spinning
     assert settings("onnx-fp32", [1, 2], ["0", "1"]) == [
-        {"threads": 1, "ct2_use_mkl": "", "spin_step": False}, {"threads": 2, "ct2_use_mkl": "", "spin_step": False},
-        {"threads": 2, "ct2_use_mkl": "", "spin_step": True}]
+        {"threads": 1, "instances": 1, "ct2_use_mkl": "", "spin_step": False},
+        {"threads": 2, "instances": 1, "ct2_use_mkl": "", "spin_step": False},
+        {"threads": 2, "instances": 1, "ct2_use_mkl": "", "spin_step": True}]
     assert settings("torch", [1, 2], ["0", "1"]) == [
-        {"threads": 1, "ct2_use_mkl": "", "spin_step": False}, {"threads": 2, "ct2_use_mkl": "", "spin_step": False}]
+        {"threads": 1, "instances": 1, "ct2_use_mkl": "", "spin_step": False},
+        {"threads": 2, "instances": 1, "ct2_use_mkl": "", "spin_step": False}]
     assert "2 threads, step spinning |" in table([dict(result("onnx-fp32", 2, 50.0), spin_step=True)])
     args = build_parser().parse_args(["--run", "r", "--bundle", "b"])
-    assert args.threads == [1, 2] and args.ct2_mkl == ["0", "1"]  # the search is the default
+    assert args.threads == [1, 2] and args.ct2_mkl == ["0", "1"] and args.instances == [1, 2]  # the search is the default
 
+
+def test_parallel_instances_are_searched_on_the_same_cores() -> None:
+    """With 2 instances the thread count is each one's: 2 x 1 thread on 2 cores, never 2 x 2;
+    CTranslate2's instances are its inter_threads, named so in the table."""
+    layouts = lambda engine: [(s["instances"], s["threads"], s["spin_step"]) for s in settings(engine, [1, 2], ["0"], [1, 2])]
+    assert layouts("onnx-int8") == [(1, 1, False), (1, 2, False), (1, 2, True), (2, 1, False)]
+    assert layouts("ct2-int8") == [(1, 1, False), (1, 2, False), (2, 1, False)]
+    assert layouts("torch") == [(1, 1, False), (1, 2, False), (2, 1, False)]
+    text = table([dict(result("ct2-int8", 1, 90.0, "0"), instances=2), result("ct2-int8", 1, 80.0, "0")])
+    assert "| 2 instances x 1 thread (inter_threads), CT2_USE_MKL=0 |" in text
+
+
+def test_parallel_instances_decode_every_batch_once(tmp_path) -> None:
+    """measure() with 2 instances: every batch decoded once, to the same output as one instance."""
+    from attnserve.bench.benchmark import measure
+
+    split = tmp_path / "split.tsv"
+    split.write_text("".join(f"{s}\t{t}\n" for s, t in [
+        ("Open the file.", "Ouvrir le fichier."), ("Close the window.", "Fermer la fenêtre."),
+        ("Save the document.", "Enregistrer le document."), ("Quit the application.", "Quitter l’application."),
+        ("Print the page.", "Imprimer la page."), ("Delete the folder?", "Supprimer le dossier ?"),
+        ("Cancel", "Annuler")]), encoding="utf-8")
+    run = Path(__file__).resolve().parents[1] / "models" / "transformer-en-fr-v2"
+    one, two = (measure("onnx-fp32", run, SHIPPED_BUNDLE, split, 7, beam=2, batch=2, threads=1, workdir=tmp_path,
+                        instances=n) for n in (1, 2))
+    assert two["instances"] == 2 and two["sentences"] == 7
+    assert (two["target_tokens"], two["bleu"]) == (one["target_tokens"], one["bleu"]) and one["bleu"] > 0
 
 def test_each_engine_is_compared_at_its_best_setting() -> None:
     results = [dict(result("onnx-int8", 1, 73.8), batch_p50_ms=11.94, batch_p99_ms=20.5), result("onnx-int8", 2, 43.1),
@@ -128,3 +159,23 @@ def test_the_load_loop_retries_refused_requests_and_counts_them() -> None:
     sentences = [f"s{i}" for i in range(6)]
     row = asyncio.run(_closed_loop(sentences, [translate, translate, translate]))
     assert sorted(answered) == sentences and row["refused"] == 3 and row["sentences"] == 6 and row["clients"] == 3
+
+
+def test_the_load_benchmarks_offline_reference_is_the_engine_at_its_best(monkeypatch) -> None:
+    """bench/load.py: the offline engine that the server is held against is searched over batch
+    sizes (and step spinning on more than one thread); the reference is the fastest try, and
+    its setting is named in the row."""
+    from attnserve.bench import load
+    from attnserve.server.config import SHIPPED_REPOSITORY
+
+    monkeypatch.setattr(load, "OFFLINE_BATCHES", (2, 8))
+    sentences = ["Open the file.", "Close the window.", "Save the document before closing the window.",
+                 "Click the Cancel button to stop the download."] * 2
+    row = load.run_offline(SHIPPED_REPOSITORY, "en-fr", 2, sentences, beam=2)
+    tries = row["tries"]
+    assert [(t["batch"], t["spin_step"]) for t in tries] == [(2, False), (8, False), (2, True), (8, True)]
+    best = max(tries, key=lambda t: t["sentences_per_s"])
+    assert row["sentences_per_s"] == best["sentences_per_s"]
+    assert row["setting"] == {"batch": best["batch"], "spin_step": best["spin_step"]}
+    assert f"batches of {best['batch']}" in row["mode"]
+    assert [t["spin_step"] for t in load.run_offline(SHIPPED_REPOSITORY, "en-fr", 1, sentences, beam=2)["tries"]] == [False, False]
