@@ -32,8 +32,8 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -115,17 +115,15 @@ def measure(engine: str, run_dir: Path, bundle_dir: Path, split: Path, sentences
         decoder(sources[:8])  # warm-up: allocations, lazy initialisation
     outputs: list[list[int]] = [[] for _ in sources]
     latencies: list[float] = []  # seconds per batch: at batch 1, a request's latency
-    groups = _batches(sources, batch)
-    taken = iter(range(len(groups)))
+    pending = iter(_batches(sources, batch))  # shared by the instances; next() under the lock
     lock = threading.Lock()
 
     def work(decoder) -> None:
         while True:
             with lock:
-                index = next(taken, None)
-            if index is None:
+                group = next(pending, None)
+            if group is None:
                 return
-            group = groups[index]
             batch_start = time.perf_counter()
             for i, tokens in zip(group, decoder([sources[i] for i in group])):
                 outputs[i] = tokens
@@ -199,12 +197,11 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def setting_of(result: dict[str, Any]) -> str:
+    ct2 = result["engine"].startswith("ct2")
     text = f"{result['threads']} thread{'s' if result['threads'] != 1 else ''}"
     if result.get("instances", 1) > 1:  # runs written before instances were searched have none
-        text = f"{result['instances']} instances x {text}"
-        if result["engine"].startswith("ct2"):
-            text += " (inter_threads)"
-    if result["engine"].startswith("ct2"):
+        text = f"{result['instances']} instances x {text}" + (" (inter_threads)" if ct2 else "")
+    if ct2:
         text += f", CT2_USE_MKL={result.get('ct2_use_mkl') or 'default'}"
     if result.get("spin_step"):
         text += ", step spinning"

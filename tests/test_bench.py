@@ -61,6 +61,7 @@ def test_parallel_instances_decode_every_batch_once(tmp_path) -> None:
     assert two["instances"] == 2 and two["sentences"] == 7
     assert (two["target_tokens"], two["bleu"]) == (one["target_tokens"], one["bleu"]) and one["bleu"] > 0
 
+
 def test_each_engine_is_compared_at_its_best_setting() -> None:
     results = [dict(result("onnx-int8", 1, 73.8), batch_p50_ms=11.94, batch_p99_ms=20.5), result("onnx-int8", 2, 43.1),
                result("ct2-int8", 1, 87.3, "0"), result("ct2-int8", 1, 6.4, "1"), result("ct2-int8", 2, 11.8, "0"),
