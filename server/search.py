@@ -171,9 +171,17 @@ class BeamBatch:
         self.term_forced = np.zeros(0, dtype=bool)  # a term of the row was forced where the model would end
         # id -> piece text (SentencePiece's ▁ as a space), to see a term written in other subwords.
         self.piece_texts: list[str] | None = None
-        # Candidate j of a sentence (of beam * 2*beam: 2*beam per beam) comes from beam j // (2*beam).
-        self.beam_of_candidate = np.repeat(np.arange(beam), 2 * beam)[None, :]  # (1, beam*2*beam)
+        # Candidate j of a sentence (of beam * 2*beam: 2*beam per beam) comes from beam j // (2*beam);
+        # its tie-break key is (beam, token): beam * vocab_size + token.
+        self.candidate_key_offsets = np.repeat(np.arange(beam) * self.vocab_size, 2 * beam)[None, :]  # (1, beam*2*beam)
         self.candidate_positions = np.arange(2 * beam)[None, :]  # (1, 2*beam)
+        # What the common step may skip, kept by _refresh (after add and compaction) so that a
+        # batch-1 step, where each numpy call counts, does not look for it every step.
+        self._prefixed = self._constrained = self._min_lengths = False  # some sentence has one
+        self._steps_to_limit = 0  # steps until the first sentence reaches its length limit
+        self._longest_steps = 0  # steps.max(): the cache the next step needs
+        self._closing = False  # some sentence was closed (cancel) and awaits compaction
+        self._row_index: tuple[np.ndarray, np.ndarray] | None = None  # (n, 1) sentence index, and its first row
 
     def __len__(self) -> int:
         """Sentences still being decoded."""
@@ -231,6 +239,7 @@ class BeamBatch:
         if self.alignment:
             kept = fit_axis(self.attention, 2, self.state.source_width)
             self.attention = np.concatenate([kept, np.zeros((joining * beam,) + kept.shape[1:], dtype=np.float32)])
+        self._refresh()
 
     def cancel(self, tags: set) -> int:
         """Stop decoding the sentences with these tags (no result); returns how many."""
@@ -238,6 +247,7 @@ class BeamBatch:
         for sentence, item in enumerate(self.items):
             if item.tag in tags and not self.closed[sentence]:
                 self.closed[sentence], cancelled = True, cancelled + 1
+                self._closing = True
         return cancelled
 
     def step(self) -> list[tuple[SearchItem, list[Hypothesis]]]:
@@ -247,10 +257,12 @@ class BeamBatch:
         if sentences == 0:
             return []
         # The common step has no minimum length, prefix or constraint left: it skips their work.
-        too_short = self.steps < self.min_lengths  # (n,)
-        no_eos = np.repeat(too_short, beam) if too_short.any() else None  # (n*beam,) rows that may not end yet
-        forced = self._forced()
-        term_token, in_term = self._constraint_tokens(forced)
+        no_eos = None  # (n*beam,) rows that may not end yet
+        if self._min_lengths:
+            too_short = self.steps < self.min_lengths  # (n,)
+            no_eos = np.repeat(too_short, beam) if too_short.any() else None
+        forced = self._forced() if self._prefixed else None
+        term_token, in_term = self._constraint_tokens(forced) if self._constrained else (None, None)
         if term_token is not None:  # a row with a term left may not end; its term's subword is scored
             pending_term = term_token != self.pad_id
             no_eos = pending_term if no_eos is None else no_eos | pending_term
@@ -275,14 +287,15 @@ class BeamBatch:
         candidates = (self.scores.reshape(sentences * beam, 1) + top_log_probs).reshape(sentences, 2 * beam * beam)
         tokens = top_ids.reshape(sentences, 2 * beam * beam)
         # Best first; ties go to the lower (beam, token) index, as torch.topk over (beam * V).
-        order = np.lexsort((self.beam_of_candidate * self.vocab_size + tokens, -candidates), axis=1)[:, : 2 * beam]
-        sentence_index = np.arange(sentences)[:, None]  # (n, 1): indexes (n, k) arrays with an (n, k) order
+        order = np.lexsort((self.candidate_key_offsets + tokens, -candidates), axis=1)[:, : 2 * beam]
+        sentence_index, first_rows = self._sentence_index(sentences)  # (n, 1) each
         top_scores = candidates[sentence_index, order]  # (n, 2*beam)
         top_beam = order // (2 * beam)
         top_token = tokens[sentence_index, order]
         is_eos = top_token == eos
         ending = is_eos[:, :beam]
-        if ending.any():
+        ended = bool(ending.any())
+        if ended:
             for sentence, j in np.argwhere(ending & np.isfinite(top_scores[:, :beam]) & ~self.closed[:, None]):
                 row = sentence * beam + top_beam[sentence, j]
                 self.finished[sentence].append(self._hypothesis(sentence, row, top_scores[sentence, j], int(self.steps[sentence]),
@@ -290,19 +303,25 @@ class BeamBatch:
             # The beam best non-EOS candidates go on (EOS ones sorted after every other).
             pick = np.argsort(np.where(is_eos, self.candidate_positions + 2 * beam, self.candidate_positions),
                               axis=1, kind="stable")[:, :beam]
+            self.scores = top_scores[sentence_index, pick]
+            parent_rows = (top_beam[sentence_index, pick] + first_rows).reshape(-1)
+            self.prev = top_token[sentence_index, pick].reshape(-1).astype(np.int64)
         else:  # no EOS among the first beam candidates: they are the ones that go on
-            pick = self.candidate_positions[:, :beam]
-        self.scores = top_scores[sentence_index, pick]
-        parent_rows = (top_beam[sentence_index, pick] + sentence_index * beam).reshape(-1)
-        self.prev = top_token[sentence_index, pick].reshape(-1).astype(np.int64)
+            self.scores = top_scores[:, :beam]
+            parent_rows = (top_beam[:, :beam] + first_rows).reshape(-1)
+            self.prev = np.ascontiguousarray(top_token[:, :beam].reshape(-1), dtype=np.int64)
         self.state.reorder(parent_rows)
-        self.state.bound_cache(int(self.steps.max()) + 1)  # cached steps the next step needs, at most
+        self.state.bound_cache(self._longest_steps + 1)  # cached steps the next step needs, at most
         self.history = np.concatenate([self.history[parent_rows], self.prev[:, None]], axis=1)
         if term_token is not None:
             self._advance_constraints(parent_rows)
         if self.alignment:
             self.attention = self.attention[parent_rows]
         self.steps += 1
+        self._longest_steps += 1
+        self._steps_to_limit -= 1
+        if not (ended or self._steps_to_limit <= 0 or self._closing):
+            return []  # nothing finished, and nothing to compact
         at_limit = self.limits <= self.steps
         for sentence in np.flatnonzero(at_limit & ~self.closed) if at_limit.any() else ():  # live hypotheses finish as they are
             for live_beam in np.flatnonzero(np.isfinite(self.scores[sentence])):
@@ -416,6 +435,7 @@ class BeamBatch:
         """Drop the rows of closed (done or cancelled) sentences. Sentences from the end of the
         batch fill the holes, so only the rows that move are copied, and a finished sentence
         costs no further decoder work."""
+        self._closing = False
         if not self.closed.any():
             return
         sentences, beam = len(self.items), self.beam_size
@@ -441,6 +461,24 @@ class BeamBatch:
             self.attention = np.zeros((0, 0, 0), dtype=np.float32)
         else:
             self.state.keep_rows(rows, max(len(item.src) for item in self.items))
+        self._refresh()
+
+    def _refresh(self) -> None:
+        """Recount what the common step may skip (__init__), after the sentences changed."""
+        self._prefixed = any(item.prefix for item in self.items)
+        self._constrained = any(item.constraints for item in self.items)
+        self._min_lengths = bool(self.min_lengths.any())
+        self._steps_to_limit = int((self.limits - self.steps).min()) if len(self.items) else 0
+        self._longest_steps = int(self.steps.max(initial=0))
+        self._row_index = None
+
+    def _sentence_index(self, sentences: int) -> tuple[np.ndarray, np.ndarray]:
+        """(n, 1) arrays: each sentence's index (to index (n, k) arrays with an (n, k) order) and its
+        first row; made once per batch composition."""
+        if self._row_index is None or len(self._row_index[0]) != sentences:
+            index = np.arange(sentences)[:, None]
+            self._row_index = index, index * self.beam_size
+        return self._row_index
 
 
 def _fitting_constraints(constraints: list[Constraint] | None, room: int) -> list[Constraint] | None:

@@ -20,6 +20,7 @@ the left (the cache mask covers it).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
@@ -65,6 +66,15 @@ def fit_axis(array: np.ndarray, axis: int | None, width: int, left: bool = False
     return np.pad(array, pad)
 
 
+@functools.lru_cache(maxsize=512)
+def identity_rows(rows: int) -> np.ndarray:
+    """0 .. rows-1 as int64, read only: the parent rows of a state just stepped, made once per size
+    (every batch-1 step needs one). Every change of parent rows makes a new array."""
+    rows_array = np.arange(rows, dtype=np.int64)
+    rows_array.flags.writeable = False
+    return rows_array
+
+
 def grown_buffer(array: np.ndarray, capacity: int, source_axis: int | None, source_width: int) -> np.ndarray:
     """A zeroed buffer of `capacity` rows (and `source_width` along the source axis) holding `array`."""
     fitted = fit_axis(array, source_axis, source_width)
@@ -84,6 +94,9 @@ class DecoderState:
         self.previous_rows = self.rows  # rows of the dynamic state the next step reads
         self.parent_rows = np.arange(self.rows, dtype=np.int64)  # (rows,) into previous rows, then zero rows
         self.zero_rows = 0  # all-zero rows the next step appends to the dynamic state
+        # The cached steps the dynamic state holds at most (each step adds one), or None if not
+        # known: bound_cache reads the width from onnxruntime only when this says a trim may be due.
+        self._past_bound: int | None = None
         self._wrap_static()
 
     def _wrap_static(self) -> None:
@@ -99,8 +112,10 @@ class DecoderState:
         """A step ran on `rows` rows and returned this dynamic state (in the layout's order)."""
         self.dynamic = dict(zip(self.layout.dynamic_names, new_dynamic))
         self.previous_rows = rows
-        self.parent_rows = np.arange(rows, dtype=np.int64)
+        self.parent_rows = identity_rows(rows)
         self.zero_rows = 0
+        if self._past_bound is not None:
+            self._past_bound += 1
 
     def reorder(self, parent_rows: np.ndarray) -> None:
         """Row i continues row parent_rows[i] (beam search)."""
@@ -138,10 +153,12 @@ class DecoderState:
         if layout.dynamic_from_encoder:
             self.dynamic = {name: self.to_device(np.concatenate([value.numpy()[self.parent_rows], joining[name]]))
                             for name, value in self.dynamic.items()}
+            self._past_bound = None
             self.previous_rows, self.parent_rows, self.zero_rows = self.rows, np.arange(self.rows, dtype=np.int64), 0
         elif self.previous_rows == 0:  # nothing to continue (a state started empty): a fresh state
             self.dynamic = {name: self.to_device(np.zeros((self.rows,) + joining[name].shape[1:], dtype=joining[name].dtype))
                             for name in layout.dynamic_names}
+            self._past_bound = None
             self.previous_rows, self.parent_rows, self.zero_rows = self.rows, np.arange(self.rows, dtype=np.int64), 0
         else:  # all-zero initial state: the step graph appends it (see zero_rows); the step
             # graph's fresh key/value rows copy a previous row, hence previous_rows > 0 here
@@ -162,7 +179,13 @@ class DecoderState:
         once it is more than twice that (plus TRIM_SLACK) wide. A batch that keeps running while
         sentences come and go would otherwise cache steps forever; trimming copies the cache
         through the host, hence only now and then."""
-        if self.layout.past_axis and self.past_width() > 2 * steps_needed + TRIM_SLACK:
+        if not self.layout.past_axis:
+            return
+        limit = 2 * steps_needed + TRIM_SLACK
+        if self._past_bound is not None and self._past_bound <= limit:
+            return
+        self._past_bound = self.past_width()
+        if self._past_bound > limit:
             self.trim_cache(steps_needed)
 
     def trim_cache(self, keep: int) -> None:
@@ -176,3 +199,4 @@ class DecoderState:
             dynamic[name] = self.to_device(fit_axis(host, self.layout.past_axis.get(name), keep, left=True))
         self.dynamic = dynamic
         self.previous_rows, self.parent_rows, self.zero_rows = self.rows, np.arange(self.rows, dtype=np.int64), 0
+        self._past_bound = keep

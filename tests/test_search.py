@@ -108,6 +108,38 @@ def test_sentences_join_and_leave_a_running_toy_batch() -> None:
     assert batch.state is None and batch.longest_source == 0
 
 
+
+def test_sentences_cut_at_their_length_limit_decode_in_a_running_batch_as_they_do_alone() -> None:
+    """Sentences with their own length limits, minimum lengths, a prefix and a cancellation join
+    a running batch at different steps: each gets what it gets decoded alone, at the step its
+    limit says. (The step skips the finishing work when no sentence can finish: this checks
+    that it never skips a sentence that does.)"""
+    def options(limit: int, min_length: int = 0) -> TranslationOptions:
+        return TranslationOptions(beam_size=2, nbest=2, max_len_a=0, max_len_b=limit, min_length=min_length)
+
+    # (joins before step, source, options, prefix); those with a minimum length run into their limit
+    sentences = [(0, [4, EOS], options(2, min_length=5), None), (0, [4, 4, EOS], options(9), None),
+                 (1, [4, EOS], options(3, min_length=5), None), (2, [4, 4, 4, EOS], options(1), None),
+                 (2, [4, EOS], options(4), [7]), (3, [4, EOS], options(6, min_length=6), None)]
+    batch, done, step = BeamBatch(ToyStep(), 2), {}, 0
+    while (step < 4 or len(batch)) and step < 40:
+        batch.add([SearchItem(src, opts, prefix, tag) for tag, (at, src, opts, prefix) in enumerate(sentences) if at == step])
+        if step == 1:
+            batch.add([SearchItem([4, EOS], options(9, min_length=5), None, "cancelled")])
+        if step == 2:
+            assert batch.cancel({"cancelled"}) == 1
+        for item, hyps in batch.step():
+            done[item.tag] = (step, hyps)
+        step += 1
+    assert sorted(done) == list(range(len(sentences)))
+    for tag, (at, src, opts, prefix) in enumerate(sentences):
+        (alone,) = decode_together(ToyStep(), [src], opts, prefixes=[prefix] if prefix else None)
+        finished_at, hyps = done[tag]
+        assert [(h.tokens, round(h.score, 5)) for h in hyps] == [(h.tokens, round(h.score, 5)) for h in alone]
+        if opts.min_length:  # cut by its limit: it leaves at the step that reaches it
+            assert finished_at - at + 1 == opts.max_len_b and all(len(h.tokens) == opts.max_len_b for h in hyps)
+
+
 def _contains(tokens: list[int], term: tuple[int, ...]) -> bool:
     return any(tuple(tokens[i:i + len(term)]) == term for i in range(len(tokens) - len(term) + 1))
 
