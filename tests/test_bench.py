@@ -100,6 +100,33 @@ def test_the_step_profile_sums_every_kernel_of_a_real_step(tmp_path) -> None:
     assert report["graphs"][graph]["profile"]["by_op"]["Attention"]["nodes"] == nodes["Attention"]
 
 
+
+def test_the_step_split_counts_every_step_once_and_its_parts_fit_in_the_wall_time(tmp_path) -> None:
+    """bench/step_split.py on the shipped bundle: every decoder step is seen by the run observer,
+    two instances decode the same batches in the same number of steps as one, and the parts of a
+    step (onnxruntime, glue, search, encoder, joining) are positive and add up to at most its wall
+    time."""
+    import json
+
+    from attnserve.bench import step_split
+
+    split = tmp_path / "split.tsv"
+    split.write_text("".join(f"{text}\tx\n" for text in ["Open the file.", "Save the document before closing it.",
+                                                         "Cancel", "The printer is not connected.", "Quit"]))
+    reports = []
+    for instances in (1, 2):
+        out = tmp_path / f"split-{instances}.json"
+        step_split.main([str(SHIPPED_BUNDLE), "--split", str(split), "--precision", "fp32", "--batch", "2",
+                         "--instances", str(instances), "--json", str(out)])
+        reports.append(json.loads(out.read_text()))
+    one, two = reports
+    assert one["sentences"] == two["sentences"] == 5 and one["steps"] == two["steps"] > 0
+    for report in reports:
+        parts = report["ms_per_step"]
+        wall = parts.pop("wall_per_instance")
+        assert all(ms > 0 for ms in parts.values()) and sum(parts.values()) <= wall * 1.001
+        assert report["hardware"]["model"]
+
 def test_bundle_eval_scores_the_engines_own_output_as_perfect(bundles, tmp_path) -> None:
     """bench/bundle_eval.py: references equal to what the engine writes score BLEU and chrF 100,
     and every sentence lands in one of `attnserve eval`'s length buckets; a wrong reference scores
