@@ -127,6 +127,29 @@ def test_the_step_split_counts_every_step_once_and_its_parts_fit_in_the_wall_tim
         assert all(ms > 0 for ms in parts.values()) and sum(parts.values()) <= wall * 1.001
         assert report["hardware"]["model"]
 
+
+def test_the_shared_cross_attention_probe_decodes_what_the_bundle_decodes(tmp_path) -> None:
+    """bench/shared_cross_attention.py on the shipped bundle: with its static inputs one row per
+    sentence, the rewritten step graph picks the same candidates as the bundle's graph on the
+    same state, to float rounding, and its static inputs are declared per sentence."""
+    import json
+
+    import onnx
+
+    from attnserve.bench import shared_cross_attention as probe
+
+    split = tmp_path / "split.tsv"
+    split.write_text("Open the file.\tx\nThe printer is not connected to this computer.\tx\nQuit\tx\n")
+    out = tmp_path / "probe.json"
+    probe.main([str(SHIPPED_BUNDLE), "--split", str(split), "--precision", "fp32", "--sentences", "3", "--source", "1", "256",
+                "--beam", "2", "--past", "3", "--rounds", "1", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert report["rows"] == 6 and report["same_top_ids"]
+    assert max(report["max_abs_difference"].values()) < 1e-4 and all(ms > 0 for ms in report["ms_per_step"].values())
+    graph = probe.rewrite_step_graph(onnx.load(str(SHIPPED_BUNDLE / "fp32" / "decoder_step.onnx")), 2, 4, 64)
+    batch_axis = {v.name: v.type.tensor_type.shape.dim[0].dim_param for v in graph.graph.input}
+    assert batch_axis["cross_k0"] == batch_axis["src_mask"] == "sentences" != batch_axis["self_k0"]
+
 def test_bundle_eval_scores_the_engines_own_output_as_perfect(bundles, tmp_path) -> None:
     """bench/bundle_eval.py: references equal to what the engine writes score BLEU and chrF 100,
     and every sentence lands in one of `attnserve eval`'s length buckets; a wrong reference scores
