@@ -44,6 +44,10 @@ STEP_GRAPH = "decoder_step"  # file stem of the decoder-step graph
 
 # Axis names of the graphs' symbolic dimensions.
 BATCH_AXIS = "batch"  # rows: sentences (times beams)
+# One row per sentence, for static state the step graph shares between a sentence's rows: those
+# rows are consecutive and every sentence has as many (batch = sentences x K, K found from the
+# shapes; K = 1, one row per sentence, is the layout of bundles before this axis).
+SENTENCES_AXIS = "sentences"
 SOURCE_AXIS = "src_len"  # source positions; padded on the right, covered by the source mask
 PAST_AXIS = "past"  # cached target steps; padded on the left, covered by the cache mask
 GROWN_PAST_AXIS = "past_plus_1"  # the cache a step returns: one step longer
@@ -173,7 +177,12 @@ class StepSignature(JsonRecord):
     dynamic   carried from step to step (self-attention cache and positions, RNN hidden state);
               the step returns each one step on, as NEW_STATE_PREFIX + name. With
               dynamic_from_encoder (RNN) the encoder computes its initial value; otherwise
-              (Transformer) it starts as zeros with empty PAST_AXIS (an empty, masked cache)."""
+              (Transformer) it starts as zeros with empty PAST_AXIS (an empty, masked cache).
+
+    Static tensors whose first axis is SENTENCES_AXIS (a Transformer's source mask and
+    cross-attention keys and values) hold one row per sentence, shared by the sentence's beam
+    rows in the step graph; the step graph reads them per row as well (K = 1). Static tensors
+    over BATCH_AXIS hold one row per beam row."""
 
     static: tuple[TensorSignature, ...]
     dynamic: tuple[TensorSignature, ...]
@@ -186,6 +195,11 @@ class StepSignature(JsonRecord):
     @property
     def dynamic_names(self) -> tuple[str, ...]:
         return tuple(t.name for t in self.dynamic)
+
+    @property
+    def static_per_sentence(self) -> bool:
+        """Whether the step graph takes the static state one row per sentence (SENTENCES_AXIS)."""
+        return bool(self.static) and all(t.shape[0] == SENTENCES_AXIS for t in self.static)
 
     @property
     def encoder_outputs(self) -> tuple[str, ...]:

@@ -101,7 +101,9 @@ def source_curve(engine: Engine, timer: StepTimer, pool: list[list[int]]) -> lis
 
 
 def state_bytes(engine: Engine) -> dict[str, int]:
-    """Bytes of decoder state per beam row: per source token (static) and per target step (cache)."""
+    """Bytes of decoder state: per source token (static: per sentence when the bundle shares it
+    by sentence, `static_per_sentence`, else per beam row) and per target step (the cache, per
+    beam row)."""
     signature = engine.bundle.manifest.state
 
     def bytes_per_position(tensors, axes: dict[str, int]) -> int:
@@ -110,7 +112,8 @@ def state_bytes(engine: Engine) -> dict[str, int]:
                    for t in tensors if t.name in axes)
 
     return {"per_source_token": bytes_per_position(signature.static, signature.source_axes()),
-            "per_target_step": bytes_per_position(signature.dynamic, signature.past_axes())}
+            "per_target_step": bytes_per_position(signature.dynamic, signature.past_axes()),
+            "static_per_sentence": int(signature.static_per_sentence)}
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
@@ -138,8 +141,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax_source.set_xticks(SOURCE_LENGTHS, [str(s) for s in SOURCE_LENGTHS])
     memory = report["state_bytes"]
     lengths = np.array([10, 25, 50, 100, 200])
-    ax_memory.plot(lengths, BEAM * lengths * (memory["per_source_token"] + memory["per_target_step"]) / 2**20, "o-",
-                   label=f"beam {BEAM}, target as long as the source")
+    static_copies = 1 if memory.get("static_per_sentence") else BEAM  # one static copy per sentence, or per beam row
+    ax_memory.plot(lengths, lengths * (static_copies * memory["per_source_token"] + BEAM * memory["per_target_step"]) / 2**20,
+                   "o-", label=f"beam {BEAM}, target as long as the source")
     ax_memory.set(xlabel="source tokens", ylabel="MiB", title="Decoder state of one sentence")
     for ax in (ax_batch, ax_source, ax_memory):
         ax.grid(True, alpha=0.3)

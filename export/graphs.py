@@ -18,7 +18,7 @@ from torch.export import Dim
 
 from attnserve.bundle_format import (
     BATCH_AXIS, CANDIDATE_COUNT, CANDIDATES_AXIS, ENCODER_GRAPH, FORCED_LOG_PROBS, FORCED_TOKENS, LOG_PROBS, PAST_AXIS,
-    STEP_GRAPH, TOP_IDS, TOP_LOG_PROBS, ZERO_ROWS_AXIS,
+    SENTENCES_AXIS, STEP_GRAPH, TOP_IDS, TOP_LOG_PROBS, ZERO_ROWS_AXIS,
 )
 from attnserve.export.specs import IR_VERSION, ArchitectureSpec, GraphSpec
 from attnserve.model.attention import attention_with_weights
@@ -114,7 +114,10 @@ def _dynamic_shapes(spec: GraphSpec) -> tuple:
     # Named dims, one per axis name: torch.export then fails loudly if tracing would specialise
     # an axis to the example's size (Dim.DYNAMIC would specialise silently).
     dims = {axis: Dim(axis, min=1) if axis not in (PAST_AXIS, ZERO_ROWS_AXIS) else Dim(axis, min=0)
-            for t in spec.inputs for axis in t.shape if isinstance(axis, str)}
+            for t in spec.inputs for axis in t.shape if isinstance(axis, str) and axis != SENTENCES_AXIS}
+    # torch traces the step with its static state per row (the model knows no beams); the graph
+    # takes it per sentence only after share_static_state, so here the two axes are one.
+    dims[SENTENCES_AXIS] = dims.get(BATCH_AXIS, Dim(BATCH_AXIS, min=1))
     shapes = tuple({i: dims[axis] for i, axis in enumerate(t.shape) if isinstance(axis, str)} for t in spec.inputs)
     # DecoderStepGraph.forward(previous_tokens, parent_rows, zero_rows, *state)
     return shapes if spec.name == ENCODER_GRAPH else (shapes[0], shapes[1], shapes[2], shapes[3:])
@@ -162,7 +165,10 @@ def export_graph(model: EncoderDecoder, arch: ArchitectureSpec, spec: GraphSpec,
     want = [t.name for t in spec.inputs], [t.name for t in spec.outputs]
     if got != want:
         raise RuntimeError(f"{spec.name}: exported graph has inputs/outputs {got}, spec says {want}")
-    return add_search_outputs(proto) if spec.name == STEP_GRAPH and fused else proto
+    if spec.name != STEP_GRAPH or not fused:
+        return proto
+    proto = add_search_outputs(proto)
+    return share_static_state(proto, arch) if arch.state.static_per_sentence else proto
 
 
 def add_search_outputs(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -188,6 +194,92 @@ def add_search_outputs(proto: onnx.ModelProto) -> onnx.ModelProto:
     graph.output.append(onnx.helper.make_tensor_value_info(TOP_LOG_PROBS, FLOAT, [BATCH_AXIS, CANDIDATES_AXIS]))
     graph.output.append(onnx.helper.make_tensor_value_info(TOP_IDS, INT64, [BATCH_AXIS, CANDIDATES_AXIS]))
     graph.output.append(onnx.helper.make_tensor_value_info(FORCED_LOG_PROBS, FLOAT, [BATCH_AXIS]))
+    return proto
+
+
+class SharingError(RuntimeError):
+    """The step graph reads its static state in a way share_static_state does not rewrite."""
+
+
+def share_static_state(proto: onnx.ModelProto, arch: ArchitectureSpec) -> onnx.ModelProto:
+    """Let the step graph take its static state (source mask, cross-attention keys and values)
+    once per sentence instead of once per beam row: the rows of a sentence are consecutive and
+    every sentence has K of them, K = rows / sentences, read from the shapes (K = 1 is the
+    layout of one row per sentence, which is also how older engines feed it).
+
+    Each cross-attention node then attends the sentence's K query rows to its one copy:
+        query (rows, H, 1, Dh) -> (sentences, K, H, Dh) -> (sentences, H, K, Dh)
+        mask (sentences, 1, 1, S) -> (sentences, 1, K, S)
+        output (sentences, H, K, Dh) -> (sentences, K, H, Dh) -> (rows, H, 1, Dh), as before
+    and its attention weights likewise. A batch-32 step reads K times fewer key/value bytes, and
+    the engine stops copying the encoder's output K times (docs/performance.md measures it).
+    Anything else that reads the static state raises SharingError: the rewrite covers only the
+    reads it knows."""
+    graph, make = proto.graph, onnx.helper.make_node
+    static = {t.name: t for t in arch.static}
+    masks = [t.name for t in arch.static if t.dtype == "bool"]
+    keys = [t for t in arch.static if t.dtype != "bool"]
+    if len(masks) != 1 or not keys:
+        raise SharingError(f"expected one source mask and cross-attention keys in the static state, got {sorted(static)}")
+    heads, head_dim = keys[0].shape[1], keys[0].shape[3]
+    initializers = {i.name: i for i in graph.initializer}
+    unsqueezes = [n for n in graph.node if n.op_type == "Unsqueeze" and n.input[0] == masks[0]]
+    if len(unsqueezes) != 1 or onnx.numpy_helper.to_array(initializers[unsqueezes[0].input[1]]).tolist() != [1, 2]:
+        raise SharingError(f"{masks[0]} is not read through one Unsqueeze to (sentences, 1, 1, source)")
+    mask_4d = unsqueezes[0].output[0]
+    graph.initializer.extend(onnx.numpy_helper.from_array(np.array(value, dtype=np.int64), name) for name, value in (
+        ("shared_query_tail", [-1, heads, head_dim]), ("shared_ones", [1, 1]), ("shared_one", [1]),
+        ("shared_rows_shape", [-1, heads, 1, head_dim]), ("shared_weights_head", [-1, heads, 1])))
+    nodes: list[onnx.NodeProto] = []
+    for node in graph.node:
+        if not (node.op_type == "Attention" and node.input[1] in static):
+            nodes.append(node)
+            continue
+        name, key = node.name, node.input[1]
+        if not any(n.name == "shared_query_shape" for n in nodes):  # made once, at the first cross-attention
+            nodes += [make("Shape", [key], ["shared_sentences"], end=1, name="shared_sentences"),
+                      make("Concat", ["shared_sentences", "shared_query_tail"], ["shared_query_shape"], axis=0,
+                           name="shared_query_shape")]
+        nodes += [make("Reshape", [node.input[0], "shared_query_shape"], [f"{name}_query_nkhd"], name=f"{name}_query_nkhd"),
+                  make("Transpose", [f"{name}_query_nkhd"], [f"{name}_query_nhkd"], perm=[0, 2, 1, 3],
+                       name=f"{name}_query_nhkd")]
+        if not any(n.name == "shared_mask" for n in nodes):  # (sentences, 1, K, S): onnxruntime wants K there
+            nodes += [make("Shape", [f"{name}_query_nkhd"], ["shared_beams"], start=1, end=2, name="shared_beams"),
+                      make("Concat", ["shared_ones", "shared_beams", "shared_one"], ["shared_mask_shape"], axis=0,
+                           name="shared_mask_shape"),
+                      make("Expand", [mask_4d, "shared_mask_shape"], ["shared_mask"], name="shared_mask")]
+        node.input[0], node.input[3] = f"{name}_query_nhkd", "shared_mask"
+        output, node.output[0] = node.output[0], f"{name}_output_nhkd"
+        after = [make("Transpose", [f"{name}_output_nhkd"], [f"{name}_output_nkhd"], perm=[0, 2, 1, 3], name=f"{name}_output_nkhd"),
+                 make("Reshape", [f"{name}_output_nkhd", "shared_rows_shape"], [output], name=f"{name}_output_rows")]
+        if len(node.output) > 3 and node.output[3]:  # the attention weights (alignments)
+            weights, node.output[3] = node.output[3], f"{name}_weights_nhks"
+            after += [make("Transpose", [f"{name}_weights_nhks"], [f"{name}_weights_nkhs"], perm=[0, 2, 1, 3],
+                           name=f"{name}_weights_nkhs"),
+                      make("Shape", [f"{name}_weights_nkhs"], [f"{name}_source"], start=3, name=f"{name}_source"),
+                      make("Concat", ["shared_weights_head", f"{name}_source"], [f"{name}_weights_shape"], axis=0,
+                           name=f"{name}_weights_shape"),
+                      make("Reshape", [f"{name}_weights_nkhs", f"{name}_weights_shape"], [weights], name=f"{name}_weights_rows")]
+        nodes += [node, *after]
+    outputs = {o.name for o in graph.output}
+    while True:  # drop what nothing reads any more: the per-row expansions of the mask
+        read = {x for n in nodes for x in n.input} | outputs
+        alive = [n for n in nodes if any(o in read for o in n.output if o)]
+        if len(alive) == len(nodes):
+            break
+        nodes = alive
+    allowed = {"Attention", "Shape"}
+    for n in nodes:
+        reads_static = [x for x in n.input if x in static or x == mask_4d]
+        if reads_static and n is not unsqueezes[0] and not (n.op_type in allowed or n.name == "shared_mask"):
+            raise SharingError(f"{n.op_type} node {n.name} reads {reads_static}, which share_static_state does not rewrite")
+        if n.op_type == "Attention" and n.input[0] in static:
+            raise SharingError(f"{n.name} takes a static tensor as its query")
+    del graph.node[:]
+    graph.node.extend(nodes)
+    for value in graph.input:  # as clean_graph names them from the spec
+        if value.name in static:
+            value.type.tensor_type.shape.dim[0].dim_param = SENTENCES_AXIS
     return proto
 
 

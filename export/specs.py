@@ -16,7 +16,8 @@ import dataclasses
 
 from attnserve.bundle_format import (
     ATTENTION, BATCH_AXIS, ENCODER_GRAPH, GROWN_PAST_AXIS, LOG_PROBS, PARENT_ROWS, PAST_AXIS, PREVIOUS_BATCH_AXIS, PREVIOUS_TOKENS,
-    SOURCE_AXIS, SOURCE_IDS, STEP_GRAPH, VOCAB_AXIS, ZERO_ROWS, ZERO_ROWS_AXIS, StepSignature, TensorSignature,
+    SENTENCES_AXIS, SOURCE_AXIS, SOURCE_IDS, STEP_GRAPH, VOCAB_AXIS, ZERO_ROWS, ZERO_ROWS_AXIS, StepSignature,
+    TensorSignature,
 )
 from attnserve.model.base import EncoderDecoder
 from attnserve.model.config import ModelConfig
@@ -90,12 +91,15 @@ def architecture_spec(model: EncoderDecoder) -> ArchitectureSpec:
     batch, source, past = BATCH_AXIS, SOURCE_AXIS, PAST_AXIS
     if cfg.arch == "transformer":
         head_dim = cfg.d_model // cfg.n_heads
-        cross = tuple(TensorSignature(f"cross_{kv}{i}", "float32", (batch, cfg.n_heads, source, head_dim))
+        # The source mask and the cross-attention keys and values are the same for every beam of
+        # a sentence: the step graph takes them once per sentence (graphs.share_static_state).
+        sentences = SENTENCES_AXIS
+        cross = tuple(TensorSignature(f"cross_{kv}{i}", "float32", (sentences, cfg.n_heads, source, head_dim))
                       for i in range(cfg.dec_layers) for kv in "kv")
         cache = tuple(TensorSignature(f"self_{kv}{i}", "float32", (batch, cfg.n_heads, past, head_dim))
                       for i in range(cfg.dec_layers) for kv in "kv")
         positions = (TensorSignature("tgt_pos", "int64", (batch,)), TensorSignature("self_mask", "bool", (batch, past)))
-        static = (TensorSignature("src_mask", "bool", (batch, source)),) + cross
+        static = (TensorSignature("src_mask", "bool", (sentences, source)),) + cross
         return ArchitectureSpec("transformer", StepSignature(static, cache + positions, dynamic_from_encoder=False))
     if cfg.arch == "rnn":
         keys_dim = model.decoder.attention.project_keys(_probe(model)).size(-1)

@@ -83,12 +83,18 @@ class Engine:
         return self.runtime.encode(source_ids)
 
     def _encoded_rows(self, source_ids: np.ndarray, copies: int) -> dict[str, np.ndarray]:
-        return {name: np.repeat(value, copies, axis=0) for name, value in self.runtime.encode(source_ids).items()}  # rows: n*copies
+        """The encoder's state for n sentences of `copies` rows each: the dynamic state n*copies
+        rows; the static state n rows if the step graph shares it by sentence, else n*copies."""
+        shared = set(self.layout.static_names) if self.layout.static_per_sentence else set()
+        return {name: value if name in shared else np.repeat(value, copies, axis=0)
+                for name, value in self.runtime.encode(source_ids).items()}
 
     def start_state(self, source_ids: np.ndarray, copies: int) -> DecoderState:
-        return DecoderState(self.layout, self.runtime.to_device, self._encoded_rows(source_ids, copies))
+        return DecoderState(self.layout, self.runtime.to_device, self._encoded_rows(source_ids, copies), copies)
 
     def join_state(self, state: DecoderState, source_ids: np.ndarray, copies: int) -> None:
+        if copies != state.group and self.layout.static_per_sentence:
+            raise ValueError(f"sentences of {copies} rows cannot join a state of sentences of {state.group}")
         state.join(self._encoded_rows(source_ids, copies))
 
     def decode_step(self, state: DecoderState, previous_tokens: np.ndarray, candidates: int,

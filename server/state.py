@@ -3,7 +3,10 @@
 Static tensors (cross-attention keys/values, RNN memory) live in host buffers with room to
 spare; the rows in use are the first `rows`, wrapped as OrtValues without a copy (CPU) or copied
 to the device once per change (CUDA). Joining rows are written after them, and rows leaving are
-replaced by rows moved from the end: both cost only the rows that change.
+replaced by rows moved from the end: both cost only the rows that change. When the bundle's step
+graph takes its static state per sentence (StepSignature.static_per_sentence), the buffers hold
+one entry per sentence, shared by its `rows_per_sentence` consecutive rows; rows then come and go
+by whole sentences.
 
 The dynamic state (key/value cache, RNN hidden state) stays in the OrtValues onnxruntime
 returned, on the provider's device. The step graph gathers it by `parent_rows`: row i continues
@@ -44,11 +47,12 @@ class StateLayout:
     source_axis: Mapping[str, int]  # static tensor -> its axis over source positions
     past_axis: Mapping[str, int]  # dynamic tensor -> its axis over cached target steps
     dynamic_from_encoder: bool
+    static_per_sentence: bool = False  # the static tensors hold one row per sentence
 
     @classmethod
     def of(cls, signature: StepSignature) -> StateLayout:
         return cls(signature.static_names, signature.dynamic_names, signature.source_axes(), signature.past_axes(),
-                   signature.dynamic_from_encoder)
+                   signature.dynamic_from_encoder, signature.static_per_sentence)
 
 
 def fit_axis(array: np.ndarray, axis: int | None, width: int, left: bool = False) -> np.ndarray:
@@ -86,9 +90,14 @@ def grown_buffer(array: np.ndarray, capacity: int, source_axis: int | None, sour
 class DecoderState:
     """The static and dynamic decoder state of the rows in use (module docstring)."""
 
-    def __init__(self, layout: StateLayout, to_device: ToDevice, tensors: Mapping[str, np.ndarray]):
+    def __init__(self, layout: StateLayout, to_device: ToDevice, tensors: Mapping[str, np.ndarray],
+                 rows_per_sentence: int = 1):
+        """`tensors`: the static state (one row per sentence if the layout says so, else per row)
+        and the initial dynamic state (per row); `rows_per_sentence`: the rows (beams) a sentence
+        has, which share its static row."""
         self.layout, self.to_device = layout, to_device
-        self.rows = len(next(iter(tensors.values())))  # rows in use
+        self.group = rows_per_sentence if layout.static_per_sentence else 1  # rows a static entry serves
+        self.rows = len(tensors[layout.static_names[0]]) * self.group  # rows in use
         self.buffers = {name: np.ascontiguousarray(tensors[name]) for name in layout.static_names}  # (capacity, ...)
         self.dynamic = {name: to_device(tensors[name]) for name in layout.dynamic_names}
         self.previous_rows = self.rows  # rows of the dynamic state the next step reads
@@ -100,7 +109,7 @@ class DecoderState:
         self._wrap_static()
 
     def _wrap_static(self) -> None:
-        self.static = {name: self.to_device(buffer[: self.rows]) for name, buffer in self.buffers.items()}
+        self.static = {name: self.to_device(buffer[: self.rows // self.group]) for name, buffer in self.buffers.items()}
 
     @property
     def source_width(self) -> int:
@@ -126,28 +135,42 @@ class DecoderState:
         longest source left; the buffers narrow to it once they are twice as wide (a long
         sentence that has left must not make every later step attend over its padding)."""
         self.parent_rows = self.parent_rows[rows]
-        moved = np.flatnonzero(rows != np.arange(len(rows)))
+        entries = self._static_entries(rows)
+        moved = np.flatnonzero(entries != np.arange(len(entries)))
         for buffer in self.buffers.values():
-            buffer[moved] = buffer[rows[moved]]  # the right side is read (copied) first
+            buffer[moved] = buffer[entries[moved]]  # the right side is read (copied) first
         self.rows = len(rows)
         if 2 * longest_source < self.source_width:
             self.buffers = {name: np.ascontiguousarray(fit_axis(buffer, self.layout.source_axis.get(name), longest_source))
                             for name, buffer in self.buffers.items()}
         self._wrap_static()
 
+    def _static_entries(self, rows: np.ndarray) -> np.ndarray:
+        """The static entries that the rows `rows` read: the rows themselves, or with a static
+        row per sentence each sentence's, which requires the rows to come in whole sentences."""
+        if self.group == 1:
+            return rows
+        entries = rows[:: self.group] // self.group
+        if len(rows) % self.group or not np.array_equal(rows, (entries[:, None] * self.group + np.arange(self.group)).reshape(-1)):
+            raise ValueError(f"rows must keep whole sentences of {self.group} consecutive rows, got {rows.tolist()}")
+        return entries
+
     def join(self, joining: Mapping[str, np.ndarray]) -> None:
         """Append the rows of freshly encoded sentences (`joining`: encoder outputs and initial
-        dynamic state). Source axes are padded to the widest source (masked by the source mask)."""
-        layout, added = self.layout, len(next(iter(joining.values())))
+        dynamic state, as for __init__). Source axes are padded to the widest source (masked by
+        the source mask)."""
+        layout, entries = self.layout, self.rows // self.group
+        added_entries = len(joining[layout.static_names[0]])
+        added = added_entries * self.group
         width = max(self.source_width, *(joining[name].shape[axis] for name, axis in layout.source_axis.items()))
         capacity = len(next(iter(self.buffers.values())))
-        if width > self.source_width or self.rows + added > capacity:
-            if self.rows + added > capacity:
-                capacity = max(2 * capacity, self.rows + added)
+        if width > self.source_width or entries + added_entries > capacity:
+            if entries + added_entries > capacity:
+                capacity = max(2 * capacity, entries + added_entries)
             for name, buffer in self.buffers.items():
-                self.buffers[name] = grown_buffer(buffer[: self.rows], capacity, layout.source_axis.get(name), width)
+                self.buffers[name] = grown_buffer(buffer[:entries], capacity, layout.source_axis.get(name), width)
         for name, buffer in self.buffers.items():
-            buffer[self.rows : self.rows + added] = fit_axis(joining[name], layout.source_axis.get(name), width)
+            buffer[entries : entries + added_entries] = fit_axis(joining[name], layout.source_axis.get(name), width)
         self.rows += added
         self._wrap_static()
         if layout.dynamic_from_encoder:

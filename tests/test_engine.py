@@ -206,7 +206,7 @@ def test_rows_joining_a_state_with_no_previous_rows_start_fresh(bundles) -> None
     engine = Engine(load_bundle(bundles["transformer"]), "fp32", device="cpu")
     source = np.array(engine.encode_texts(["the red cat sees the dog"]), dtype=np.int64)
     rows = engine._encoded_rows(source, 2)
-    joined = DecoderState(engine.layout, engine.runtime.to_device, {name: value[:0] for name, value in rows.items()})
+    joined = DecoderState(engine.layout, engine.runtime.to_device, {name: value[:0] for name, value in rows.items()}, 2)
     joined.join(rows)
     assert (joined.previous_rows, joined.zero_rows, joined.parent_rows.tolist()) == (2, 0, [0, 1])
     started = engine.start_state(source, 2)

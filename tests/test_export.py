@@ -141,3 +141,75 @@ def test_int8_quantisation_leaves_the_root_logger_alone(bundles, tmp_path: Path)
     theirs = logging.LogRecord("root", logging.WARNING, quiet.package + "/quantize.py", 1, "advice", None, None)
     failure = logging.LogRecord("root", logging.ERROR, quiet.package + "/quantize.py", 1, "failure", None, None)
     assert quiet.filter(ours) and not quiet.filter(theirs) and quiet.filter(failure)
+
+
+def _step_outputs(session, feed: dict) -> list:
+    names = [o.name for o in session.get_outputs()]
+    return [value.numpy() for value in session.run_with_ort_values(names, feed)]
+
+
+def test_a_transformer_step_takes_its_static_state_once_per_sentence(bundles) -> None:
+    """A Transformer bundle's step graph reads the source mask and cross-attention keys and
+    values once per sentence, shared by the sentence's beam rows: the engine's state holds one
+    static row per sentence, and the graph gives the same outputs when the static state comes
+    one row per beam row instead, as an engine that does not share it would feed it."""
+    import numpy as np
+    import onnxruntime as ort
+
+    bundle = load_bundle(bundles["transformer"])
+    assert bundle.manifest.state.static_per_sentence
+    engine = Engine(bundle, "fp32", device="cpu")
+    sources = engine.encode_texts(["the red cat sees the dog", "the book"])
+    source_ids = np.array([ids + [engine.pad] * (max(map(len, sources)) - len(ids)) for ids in sources])
+    state = engine.start_state(source_ids, 3)
+    tokens = np.full(6, engine.bos, dtype=np.int64)
+    for _ in range(2):
+        _, top_ids, _, _ = engine.decode_step(state, tokens, 1, None, False)
+        tokens = top_ids[:, 0].copy()
+    feed = engine.runtime.step_feed(state, tokens, 4, None)
+    assert feed["cross_k0"].shape()[0] == feed["src_mask"].shape()[0] == 2 and feed["self_k0"].shape()[0] == 6
+    per_row = {name: ort.OrtValue.ortvalue_from_numpy(np.repeat(value.numpy(), 3, axis=0)) if name in state.static else value
+               for name, value in feed.items()}
+    session = engine.runtime.step_session
+    for shared, row in zip(_step_outputs(session, feed), _step_outputs(session, per_row)):
+        np.testing.assert_allclose(shared, row, atol=1e-5)
+    with pytest.raises(ValueError, match="whole sentences"):
+        state.keep_rows(np.array([0, 1, 3]), source_ids.shape[1])
+
+
+def test_sharing_the_static_state_is_refused_where_the_graph_reads_it_otherwise() -> None:
+    """share_static_state on a step graph exported before it (the shipped v2 bundle, static
+    state per row) gives that graph's outputs from per-sentence static state; a graph with
+    another reader of a static tensor is refused, not rewritten wrongly."""
+    import copy
+    import dataclasses
+
+    import numpy as np
+    import onnxruntime as ort
+
+    from attnserve.bundle_format import BATCH_AXIS, SENTENCES_AXIS
+    from attnserve.export.graphs import SharingError, share_static_state
+    from attnserve.export.specs import ArchitectureSpec
+    from tests.conftest import SHIPPED_BUNDLE
+
+    engine = Engine(load_bundle(SHIPPED_BUNDLE), "fp32", device="cpu")
+    signature = engine.bundle.manifest.state
+    assert not signature.static_per_sentence  # shipped before the change: it must keep loading
+    arch = ArchitectureSpec("transformer", dataclasses.replace(
+        signature, static=tuple(t.renamed_axis(BATCH_AXIS, SENTENCES_AXIS) for t in signature.static)))
+    graph = onnx.load(str(SHIPPED_BUNDLE / "fp32" / "decoder_step.onnx"))
+    shared = ort.InferenceSession(share_static_state(copy.deepcopy(graph), arch).SerializeToString(),
+                                  providers=["CPUExecutionProvider"])
+    sources = engine.encode_texts(["Open the file.", "Save it"])
+    source_ids = np.array([ids + [engine.pad] * (max(map(len, sources)) - len(ids)) for ids in sources])
+    state = engine.start_state(source_ids, 2)  # per row: two rows a sentence
+    tokens = np.full(4, engine.bos, dtype=np.int64)
+    feed = engine.runtime.step_feed(state, tokens, 4, None)
+    per_sentence = {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value.numpy()[::2])) if name in state.static
+                    else value for name, value in feed.items()}
+    for got, want in zip(_step_outputs(shared, per_sentence), _step_outputs(engine.runtime.step_session, feed)):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    graph.graph.node.append(onnx.helper.make_node("Identity", ["cross_k0"], ["leaked_keys"]))
+    graph.graph.output.append(onnx.helper.make_tensor_value_info("leaked_keys", onnx.TensorProto.FLOAT, None))
+    with pytest.raises(SharingError, match="Identity"):
+        share_static_state(graph, arch)
