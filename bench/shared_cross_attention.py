@@ -18,7 +18,6 @@ import dataclasses
 import json
 import logging
 import statistics
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from attnserve.bench.step_profile import time_step
 from attnserve.bundle_format import BATCH_AXIS, SENTENCES_AXIS
 from attnserve.export.graphs import share_static_state
 from attnserve.export.specs import ArchitectureSpec
@@ -85,14 +85,7 @@ def compare(bundle: Path, precision: str, sources: list[list[int]], beam: int, p
     medians: dict[str, list[float]] = {key: [] for key in sessions}
     for _ in range(rounds):  # the two graphs take turns, so that the VM's drift hits both
         for key, (session, values) in sessions.items():
-            for _ in range(3):
-                session.run_with_ort_values(names, values)
-            times = []
-            for _ in range(runs):
-                started = time.perf_counter()
-                session.run_with_ort_values(names, values)
-                times.append((time.perf_counter() - started) * 1e3)
-            medians[key].append(statistics.median(times))
+            medians[key].append(time_step(session, values, runs)["median_ms"])
     return {"precision": precision, "sentences": len(sources), "beam": beam, "rows": len(sources) * beam,
             "source_width": max(map(len, sources)), "past": past, "threads": threads,
             "ms_per_step": {key: statistics.median(values) for key, values in medians.items()},
