@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from attnserve.bench.step_profile import time_step
+from attnserve.bench.step_profile import feed_after, time_step
 from attnserve.bundle_format import BATCH_AXIS, SENTENCES_AXIS
 from attnserve.export.graphs import share_static_state
 from attnserve.export.specs import ArchitectureSpec
@@ -47,20 +47,6 @@ def per_sentence_graph(bundle: Bundle, precision: str) -> onnx.ModelProto:
     return share_static_state(onnx.load(str(bundle.graph_files(precision).decoder_step)), arch)
 
 
-def decoder_feed(engine: Engine, sources: list[list[int]], beam: int, past: int) -> dict[str, ort.OrtValue]:
-    """The step graph's inputs after `past` greedy steps of these sentences, `beam` rows each."""
-    width = max(map(len, sources))
-    source_ids = np.full((len(sources), width), engine.pad, dtype=np.int64)
-    for row, ids in enumerate(sources):
-        source_ids[row, : len(ids)] = ids
-    state = engine.start_state(source_ids, beam)
-    tokens = np.full(len(sources) * beam, engine.bos, dtype=np.int64)
-    for _ in range(past):
-        _, top_ids, _, _ = engine.decode_step(state, tokens, 1, None, False)
-        tokens = top_ids[:, 0].copy()
-    return engine.runtime.step_feed(state, tokens, 2 * beam, None)
-
-
 def per_sentence(feed: dict[str, ort.OrtValue], static: set[str], beam: int) -> dict[str, ort.OrtValue]:
     """The same feed with its static inputs one row per sentence (each sentence's first row)."""
     return {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value.numpy()[::beam])) if name in static else value
@@ -72,7 +58,7 @@ def compare(bundle: Path, precision: str, sources: list[list[int]], beam: int, p
     engine = Engine(load_bundle(bundle), precision, device="cpu", threads=threads)
     graph_path = engine.bundle.graph_files(precision).decoder_step
     shared = per_sentence_graph(engine.bundle, precision)
-    feed = decoder_feed(engine, sources, beam, past)
+    feed = feed_after(engine, sources, beam, past, 2 * beam)
     sessions = {"per row": (ort.InferenceSession(str(graph_path), session_options(threads, spin=False),
                                                  providers=["CPUExecutionProvider"]), feed),
                 "per sentence": (ort.InferenceSession(shared.SerializeToString(), session_options(threads, spin=False),

@@ -38,15 +38,23 @@ log = logging.getLogger("attnserve.bench.step_profile")
 SENTENCE = "Click the Cancel button to stop the download and close the window."
 
 
-def step_feed(engine: Engine, rows: int, past: int, candidates: int) -> dict[str, ort.OrtValue]:
-    """The step graph's inputs after `past` greedy steps of SENTENCE copied to `rows` rows."""
-    source = np.array([engine.encode_texts([SENTENCE])[0]], dtype=np.int64)
-    state = engine.start_state(source, rows)
-    tokens = np.full(rows, engine.bos, dtype=np.int64)
+def feed_after(engine: Engine, sources: list[list[int]], copies: int, past: int, candidates: int) -> dict[str, ort.OrtValue]:
+    """The step graph's inputs after `past` greedy steps of these sentences (ids ending in EOS),
+    `copies` rows each."""
+    source_ids = np.full((len(sources), max(map(len, sources))), engine.pad, dtype=np.int64)
+    for row, ids in enumerate(sources):
+        source_ids[row, : len(ids)] = ids
+    state = engine.start_state(source_ids, copies)
+    tokens = np.full(len(sources) * copies, engine.bos, dtype=np.int64)
     for _ in range(past):
         _, top_ids, _, _ = engine.decode_step(state, tokens, 1, None, False)
         tokens = top_ids[:, 0].copy()
     return engine.runtime.step_feed(state, tokens, candidates, None)
+
+
+def step_feed(engine: Engine, rows: int, past: int, candidates: int) -> dict[str, ort.OrtValue]:
+    """The step graph's inputs after `past` greedy steps of SENTENCE copied to `rows` rows."""
+    return feed_after(engine, engine.encode_texts([SENTENCE]), rows, past, candidates)
 
 
 def time_step(session: ort.InferenceSession, feed: dict[str, ort.OrtValue], repeats: int) -> dict[str, float]:

@@ -231,19 +231,21 @@ def share_static_state(proto: onnx.ModelProto, arch: ArchitectureSpec) -> onnx.M
         ("shared_query_tail", [-1, heads, head_dim]), ("shared_ones", [1, 1]), ("shared_one", [1]),
         ("shared_rows_shape", [-1, heads, 1, head_dim]), ("shared_weights_head", [-1, heads, 1])))
     nodes: list[onnx.NodeProto] = []
+    first = True  # the query shape and the mask are made once, at the first cross-attention
     for node in graph.node:
         if not (node.op_type == "Attention" and node.input[1] in static):
             nodes.append(node)
             continue
         name, key = node.name, node.input[1]
-        if not any(n.name == "shared_query_shape" for n in nodes):  # made once, at the first cross-attention
+        if first:
             nodes += [make("Shape", [key], ["shared_sentences"], end=1, name="shared_sentences"),
                       make("Concat", ["shared_sentences", "shared_query_tail"], ["shared_query_shape"], axis=0,
                            name="shared_query_shape")]
         nodes += [make("Reshape", [node.input[0], "shared_query_shape"], [f"{name}_query_nkhd"], name=f"{name}_query_nkhd"),
                   make("Transpose", [f"{name}_query_nkhd"], [f"{name}_query_nhkd"], perm=[0, 2, 1, 3],
                        name=f"{name}_query_nhkd")]
-        if not any(n.name == "shared_mask" for n in nodes):  # (sentences, 1, K, S): onnxruntime wants K there
+        if first:  # (sentences, 1, K, S): onnxruntime wants K there
+            first = False
             nodes += [make("Shape", [f"{name}_query_nkhd"], ["shared_beams"], start=1, end=2, name="shared_beams"),
                       make("Concat", ["shared_ones", "shared_beams", "shared_one"], ["shared_mask_shape"], axis=0,
                            name="shared_mask_shape"),

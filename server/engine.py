@@ -93,8 +93,6 @@ class Engine:
         return DecoderState(self.layout, self.runtime.to_device, self._encoded_rows(source_ids, copies), copies)
 
     def join_state(self, state: DecoderState, source_ids: np.ndarray, copies: int) -> None:
-        if copies != state.group and self.layout.static_per_sentence:
-            raise ValueError(f"sentences of {copies} rows cannot join a state of sentences of {state.group}")
         state.join(self._encoded_rows(source_ids, copies))
 
     def decode_step(self, state: DecoderState, previous_tokens: np.ndarray, candidates: int,

@@ -101,7 +101,7 @@ class DecoderState:
         self.buffers = {name: np.ascontiguousarray(tensors[name]) for name in layout.static_names}  # (capacity, ...)
         self.dynamic = {name: to_device(tensors[name]) for name in layout.dynamic_names}
         self.previous_rows = self.rows  # rows of the dynamic state the next step reads
-        self.parent_rows = np.arange(self.rows, dtype=np.int64)  # (rows,) into previous rows, then zero rows
+        self.parent_rows = identity_rows(self.rows)  # (rows,) into previous rows, then zero rows
         self.zero_rows = 0  # all-zero rows the next step appends to the dynamic state
         # The cached steps the dynamic state holds at most (each step adds one), or None if not
         # known: bound_cache reads the width from onnxruntime only when this says a trim may be due.
@@ -162,6 +162,9 @@ class DecoderState:
         layout, entries = self.layout, self.rows // self.group
         added_entries = len(joining[layout.static_names[0]])
         added = added_entries * self.group
+        if layout.dynamic_names and len(joining[layout.dynamic_names[0]]) != added:
+            raise ValueError(f"{added_entries} static entries of {self.group} rows each cannot join with "
+                             f"{len(joining[layout.dynamic_names[0]])} rows of dynamic state")
         width = max(self.source_width, *(joining[name].shape[axis] for name, axis in layout.source_axis.items()))
         capacity = len(next(iter(self.buffers.values())))
         if width > self.source_width or entries + added_entries > capacity:
@@ -177,12 +180,12 @@ class DecoderState:
             self.dynamic = {name: self.to_device(np.concatenate([value.numpy()[self.parent_rows], joining[name]]))
                             for name, value in self.dynamic.items()}
             self._past_bound = None
-            self.previous_rows, self.parent_rows, self.zero_rows = self.rows, np.arange(self.rows, dtype=np.int64), 0
+            self.previous_rows, self.parent_rows, self.zero_rows = self.rows, identity_rows(self.rows), 0
         elif self.previous_rows == 0:  # nothing to continue (a state started empty): a fresh state
             self.dynamic = {name: self.to_device(np.zeros((self.rows,) + joining[name].shape[1:], dtype=joining[name].dtype))
                             for name in layout.dynamic_names}
             self._past_bound = None
-            self.previous_rows, self.parent_rows, self.zero_rows = self.rows, np.arange(self.rows, dtype=np.int64), 0
+            self.previous_rows, self.parent_rows, self.zero_rows = self.rows, identity_rows(self.rows), 0
         else:  # all-zero initial state: the step graph appends it (see zero_rows); the step
             # graph's fresh key/value rows copy a previous row, hence previous_rows > 0 here
             start = self.previous_rows + self.zero_rows
@@ -221,5 +224,5 @@ class DecoderState:
             host = host[self.parent_rows]
             dynamic[name] = self.to_device(fit_axis(host, self.layout.past_axis.get(name), keep, left=True))
         self.dynamic = dynamic
-        self.previous_rows, self.parent_rows, self.zero_rows = self.rows, np.arange(self.rows, dtype=np.int64), 0
+        self.previous_rows, self.parent_rows, self.zero_rows = self.rows, identity_rows(self.rows), 0
         self._past_bound = keep
